@@ -1,0 +1,53 @@
+"""fxoffload: activation offloading to NVMe files as a torch.compile backend.
+
+Saved activations are written to files during forward and read back, just in
+time, during backward; gradients are bitwise those of the same compile
+without offloading.
+
+Example::
+
+    >>> import torch, fxoffload
+    >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(),
+    ...                             torch.nn.Linear(512, 1))
+    >>> compiled = torch.compile(model, backend="ssdtrain",
+    ...                          options={"compiler": "aot_eager", "min_bytes": 0})
+    >>> compiled(torch.randn(256, 512)).sum().backward()
+    >>> fxoffload.stats().bytes_written > 0
+    True
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from fxoffload import ops as _ops  # noqa: F401  (registers the ssdtrain:: ops)
+from fxoffload.backend import ssdtrain
+from fxoffload.explain import Explanation, explain
+from fxoffload.options import Options
+from fxoffload.runtime import stats as _stats
+from fxoffload.runtime.stats import OffloadStats
+
+try:
+    __version__ = version("fxoffload")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Explanation",
+    "OffloadStats",
+    "Options",
+    "explain",
+    "reset_stats",
+    "ssdtrain",
+    "stats",
+]
+
+
+def stats() -> OffloadStats:
+    """What the engines of this process did: bytes written and read, tensors forwarded."""
+    return _stats.snapshot()
+
+
+def reset_stats() -> None:
+    """Zero the counters (gauges of what is held right now are kept)."""
+    _stats.reset()

@@ -1,0 +1,56 @@
+"""The ``ssdtrain`` torch.compile backend: aot_autograd wiring only.
+
+Registered through the ``torch_dynamo_backends`` entry point, so
+``torch.compile(model, backend="ssdtrain", options={...})`` works after
+``pip install`` without importing fxoffload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
+
+from fxoffload.options import Options
+from fxoffload.partitioner import OffloadPartitioner, PartitionResult
+from fxoffload.runtime import registry
+
+
+def ssdtrain(
+    gm: fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    options: Mapping[str, Any] | Options | None = None,
+) -> Callable[..., Any]:
+    """Compile ``gm`` with its saved activations offloaded to files.
+
+    Options are checked here, and the offload directory is created now, so a
+    bad option or an unusable directory fails at compile time.
+    """
+    return compile_with_offloading(gm, example_inputs, Options.from_dict(options))
+
+
+def compile_with_offloading(
+    gm: fx.GraphModule,
+    example_inputs: list[torch.Tensor],
+    options: Options,
+    on_partition: Callable[[PartitionResult], None] | None = None,
+) -> Callable[..., Any]:
+    if options.policy != "none":
+        registry.engine_for(options.offload_dir, options.io_threads)
+    partitioner = OffloadPartitioner(options, on_partition)
+    if options.compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(
+            gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner}
+        )
+    return aot_autograd(
+        fw_compiler=boxed_nop,
+        bw_compiler=boxed_nop,
+        partition_fn=partitioner,
+        keep_inference_input_mutations=True,
+    )(gm, example_inputs)

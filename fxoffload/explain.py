@@ -1,0 +1,105 @@
+"""``explain()``: what the backend would offload for a model, and the rewritten graphs."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fxoffload.backend import compile_with_offloading
+from fxoffload.options import Options
+from fxoffload.partitioner import PartitionResult
+from fxoffload.passes import SavedValue
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphExplanation:
+    """One compiled region (a graph break makes several)."""
+
+    decisions: list[SavedValue]
+    forward_code: str
+    backward_code: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    """The saved values of every compiled region, their decisions, and the rewritten code."""
+
+    graphs: list[GraphExplanation]
+
+    @property
+    def decisions(self) -> list[SavedValue]:
+        return [d for g in self.graphs for d in g.decisions]
+
+    @property
+    def forward_code(self) -> str:
+        return "\n".join(g.forward_code for g in self.graphs)
+
+    @property
+    def backward_code(self) -> str:
+        return "\n".join(g.backward_code for g in self.graphs)
+
+    def __str__(self) -> str:
+        parts = []
+        for i, g in enumerate(self.graphs):
+            offloaded = [d for d in g.decisions if d.offload]
+            parts.append(
+                f"graph {i}: {len(g.decisions)} saved values, {len(offloaded)} offloaded "
+                f"({sum(d.nbytes for d in offloaded)} bytes), "
+                f"{len(g.decisions) - len(offloaded)} kept"
+            )
+            parts.append(format_decisions(g.decisions))
+            parts.append(f"forward:\n{g.forward_code}")
+            parts.append(f"backward:\n{g.backward_code}")
+        return "\n".join(parts)
+
+
+def format_decisions(decisions: list[SavedValue]) -> str:
+    """A fixed-width table: name, shape, dtype, bytes, decision, reason."""
+    header = ("name", "shape", "dtype", "bytes", "decision", "reason")
+    rows = [
+        (
+            d.name,
+            "-" if d.shape is None else str(list(d.shape)),
+            "-" if d.dtype is None else str(d.dtype).removeprefix("torch."),
+            str(d.nbytes),
+            "offload" if d.offload else "keep",
+            d.reason,
+        )
+        for d in decisions
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        lines.append("  ".join([*cells, row[-1]]))
+    return "\n".join(lines)
+
+
+def explain(
+    model: torch.nn.Module,
+    *example_inputs: Any,
+    options: Mapping[str, Any] | Options | None = None,
+) -> Explanation:
+    """Compile ``model`` with the ``ssdtrain`` backend, run one forward, and report.
+
+    The forward really runs (and, with offloading on, really writes files,
+    released when its outputs are dropped here). Compile caches are bypassed
+    so the partitioner runs and its decisions are seen.
+    """
+    opts = Options.from_dict(options)
+    found: list[PartitionResult] = []
+    backend = functools.partial(compile_with_offloading, options=opts, on_partition=found.append)
+    compiled = torch.compile(model, backend=backend)
+    with (
+        torch._functorch.config.patch(enable_autograd_cache=False),
+        torch._inductor.config.patch(fx_graph_cache=False),
+        torch.enable_grad(),
+    ):
+        compiled(*example_inputs)
+    return Explanation(
+        [GraphExplanation(r.decisions, r.forward_code, r.backward_code) for r in found]
+    )

@@ -1,0 +1,96 @@
+"""The backend's options: one frozen record, built from the ``options=`` dict.
+
+``torch.compile(model, backend="ssdtrain", options={...})`` hands the dict to
+the backend untouched; :func:`Options.from_dict` is the single place that
+checks it, so a typo fails at compile time with the list of valid keys instead
+of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any, Literal
+
+Policy = Literal["all", "none"]
+Compiler = Literal["inductor", "aot_eager"]
+
+POLICIES: tuple[str, ...] = ("all", "none")
+COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
+
+
+def default_offload_dir() -> str:
+    """``$FXOFFLOAD_DIR`` if set, else the system temporary directory."""
+    return os.environ.get("FXOFFLOAD_DIR") or tempfile.gettempdir()
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What to offload, where to, and which compiler runs the rewritten graphs.
+
+    Attributes:
+        offload_dir: directory that holds the offload files. The engine makes a
+            private subdirectory in it (mode 0700) and removes it at exit.
+        policy: ``"all"`` offloads every eligible saved activation; ``"none"``
+            rewrites nothing but keeps the same partitioner and compiler, so it
+            is the in-process baseline that offloading must match bit for bit.
+        min_bytes: saved tensors smaller than this stay in memory: their I/O
+            would cost more than the memory they free.
+        compiler: the compiler for the rewritten forward and backward graphs.
+            ``"inductor"`` for training, ``"aot_eager"`` for fast tests and
+            debugging.
+        io_threads: worker threads per engine that read and write files.
+    """
+
+    offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
+    policy: Policy = "all"
+    min_bytes: int = 1 << 20
+    compiler: Compiler = "inductor"
+    io_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
+            raise ValueError(
+                f"fxoffload option 'offload_dir' must be a non-empty path, got {self.offload_dir!r}"
+            )
+        object.__setattr__(self, "offload_dir", os.fspath(self.offload_dir))
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("compiler", self.compiler, COMPILERS)
+        _check_int("min_bytes", self.min_bytes, minimum=0)
+        _check_int("io_threads", self.io_threads, minimum=1)
+
+    @classmethod
+    def from_dict(cls, options: Mapping[str, Any] | Options | None) -> Options:
+        """Build options from ``torch.compile``'s dict, rejecting unknown keys."""
+        if options is None:
+            return cls()
+        if isinstance(options, Options):
+            return options
+        if not isinstance(options, Mapping):
+            raise ValueError(
+                f"fxoffload options must be a dict, got {type(options).__name__}"
+            )
+        valid = [f.name for f in dataclasses.fields(cls)]
+        for key in options:
+            if key not in valid:
+                raise ValueError(
+                    f"unknown fxoffload option {key!r}; valid options are: {', '.join(valid)}"
+                )
+        return cls(**options)
+
+
+def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(
+            f"fxoffload option {key!r} must be one of {', '.join(map(repr, choices))}; "
+            f"got {value!r}"
+        )
+
+
+def _check_int(key: str, value: object, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(
+            f"fxoffload option {key!r} must be an integer >= {minimum}; got {value!r}"
+        )

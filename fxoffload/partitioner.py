@@ -1,0 +1,73 @@
+"""The partition function: PyTorch's min-cut partitioner, then our passes.
+
+One object serves both compilers: ``aot_autograd(partition_fn=...)`` calls it
+directly for ``aot_eager``, and inductor calls it as
+``config.custom_partitioner_fn`` after its joint-graph passes (which must run
+first: dropout's RNG rewrite lives there).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
+from fxoffload.options import Options
+from fxoffload.passes import SavedValue, offload_saved_activations
+
+_SOURCES = tuple(sorted(str(p) for p in pathlib.Path(__file__).parent.rglob("*.py")))
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionResult:
+    """What one partition produced: the decisions and the rewritten graphs' code.
+
+    The code is captured right after our passes, before the inner compiler
+    changes the graphs (for instance to boxed calling convention).
+    """
+
+    decisions: list[SavedValue]
+    forward_code: str
+    backward_code: str
+
+
+class OffloadPartitioner(CustomPartitionerFn):
+    """Min-cut partition, then offload the saved activations the options select.
+
+    Args:
+        options: the backend's options.
+        on_partition: called with each :class:`PartitionResult` (``explain`` uses
+            it); not part of the cache key.
+    """
+
+    def __init__(
+        self, options: Options, on_partition: Callable[[PartitionResult], None] | None = None
+    ) -> None:
+        self.options = options
+        self.on_partition = on_partition
+
+    def __call__(
+        self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
+    ) -> tuple[fx.GraphModule, fx.GraphModule]:
+        fw_gm, bw_gm = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        decisions = offload_saved_activations(
+            fw_gm,
+            bw_gm,
+            num_fwd_outputs=kwargs["num_fwd_outputs"],
+            static_input_indices=kwargs.get("static_lifetime_input_indices"),
+            options=self.options,
+        )
+        if self.on_partition is not None:
+            self.on_partition(
+                PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip())
+            )
+        return fw_gm, bw_gm
+
+    def uuid(self) -> bytes:
+        """Our sources and options: a cached graph is reused only if both match."""
+        return get_hash_for_files(_SOURCES) + repr(self.options).encode()

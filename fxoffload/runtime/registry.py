@@ -1,0 +1,59 @@
+"""One engine per offload directory in this process, closed at exit."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+
+import torch
+
+from fxoffload.runtime.engine import Engine
+from fxoffload.runtime.handles import handle_id
+
+_lock = threading.Lock()
+_engines: dict[str, Engine] = {}
+
+
+def engine_for(root: str, io_threads: int = 2) -> Engine:
+    """The engine for ``root``, created (and its directory checked) on first use.
+
+    ``io_threads`` applies when the engine is created; later callers share it.
+    """
+    key = os.path.realpath(root)
+    with _lock:
+        engine = _engines.get(key)
+        if engine is None:
+            engine = _engines[key] = Engine(root, io_threads)
+        return engine
+
+
+def engine_of(handle: torch.Tensor) -> Engine:
+    """The engine that holds the entry ``handle`` stands for."""
+    entry_id = handle_id(handle)
+    with _lock:
+        engines = list(_engines.values())
+    for engine in engines:
+        if engine.owns(entry_id):
+            return engine
+    raise RuntimeError(
+        f"fxoffload: handle #{entry_id} belongs to no live engine "
+        "(was its graph already freed, or the engine closed?)"
+    )
+
+
+def engines() -> list[Engine]:
+    with _lock:
+        return list(_engines.values())
+
+
+def close_all() -> None:
+    """Close every engine and remove its directory (run at interpreter exit)."""
+    with _lock:
+        closing = list(_engines.values())
+        _engines.clear()
+    for engine in closing:
+        engine.close()
+
+
+atexit.register(close_all)
