@@ -45,9 +45,7 @@ def compile_with_offloading(
     if options.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(
-            gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner}
-        )
+        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
     return aot_autograd(
         fw_compiler=boxed_nop,
         bw_compiler=boxed_nop,

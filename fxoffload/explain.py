@@ -74,7 +74,7 @@ def format_decisions(decisions: list[SavedValue]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
-        cells = [cell.ljust(w) for cell, w in zip(row, widths)]
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
         lines.append("  ".join([*cells, row[-1]]))
     return "\n".join(lines)
 

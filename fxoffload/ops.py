@@ -30,9 +30,7 @@ from torch.fx import has_side_effect
 from fxoffload.runtime import registry
 
 
-@torch.library.custom_op(
-    "ssdtrain::store", mutates_args=(), tags=(torch.Tag.needs_exact_strides,)
-)
+@torch.library.custom_op("ssdtrain::store", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
 def _store(x: torch.Tensor, offload_dir: str, dim_order: list[int]) -> torch.Tensor:
     """Copy ``x`` to the engine of ``offload_dir``, start its write, return a handle."""
     return registry.engine_for(offload_dir).store(x, dim_order)

@@ -69,9 +69,7 @@ class Options:
         if isinstance(options, Options):
             return options
         if not isinstance(options, Mapping):
-            raise ValueError(
-                f"fxoffload options must be a dict, got {type(options).__name__}"
-            )
+            raise ValueError(f"fxoffload options must be a dict, got {type(options).__name__}")
         valid = [f.name for f in dataclasses.fields(cls)]
         for key in options:
             if key not in valid:
@@ -91,6 +89,4 @@ def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_int(key: str, value: object, *, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"fxoffload option {key!r} must be an integer >= {minimum}; got {value!r}"
-        )
+        raise ValueError(f"fxoffload option {key!r} must be an integer >= {minimum}; got {value!r}")

@@ -63,9 +63,7 @@ class OffloadPartitioner(CustomPartitionerFn):
             options=self.options,
         )
         if self.on_partition is not None:
-            self.on_partition(
-                PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip())
-            )
+            self.on_partition(PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip()))
         return fw_gm, bw_gm
 
     def uuid(self) -> bytes:

@@ -14,7 +14,9 @@ def test_backend_found_without_importing_fxoffload(tmp_path) -> None:
         import torch
 
         assert "fxoffload" not in sys.modules
-        model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+        model = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1)
+        )
         compiled = torch.compile(
             model,
             backend="ssdtrain",

@@ -73,7 +73,9 @@ class TestGoldenGraphs(expecttest.TestCase):
 
     def test_mlp(self) -> None:
         e = self.explain(MLP())
-        self.assertExpectedInline(self.code(e.forward_code), """\
+        self.assertExpectedInline(
+            self.code(e.forward_code),
+            """\
 def forward(self, primals_1, primals_2, primals_3, primals_4, primals_5):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
@@ -82,8 +84,11 @@ def forward(self, primals_1, primals_2, primals_3, primals_4, primals_5):
     t_1 = torch.ops.aten.t.default(primals_4)
     addmm_1 = torch.ops.aten.addmm.default(primals_5, relu, t_1);  primals_5 = relu = t_1 = None
     sum_1 = torch.ops.aten.sum.default(addmm_1);  addmm_1 = None
-    return (sum_1, primals_3, primals_4, relu_handle)""")
-        self.assertExpectedInline(self.code(e.backward_code), """\
+    return (sum_1, primals_3, primals_4, relu_handle)""",
+        )
+        self.assertExpectedInline(
+            self.code(e.backward_code),
+            """\
 def forward(self, primals_3, primals_4, relu_handle, tangents_1):
     relu_token = torch.ops.ssdtrain.prefetch.default(relu_handle)
     expand = torch.ops.aten.expand.default(tangents_1, [8, 4]);  tangents_1 = None
@@ -106,11 +111,14 @@ def forward(self, primals_3, primals_4, relu_handle, tangents_1):
     sum_3 = torch.ops.aten.sum.dim_IntList(threshold_backward, [0], True);  threshold_backward = None
     view_1 = torch.ops.aten.view.default(sum_3, [32]);  sum_3 = None
     t_8 = torch.ops.aten.t.default(t_7);  t_7 = None
-    return (t_8, view_1, None, t_5, view)""")
+    return (t_8, view_1, None, t_5, view)""",
+        )
 
     def test_view_then_transpose(self) -> None:
         e = self.explain(ViewThenTranspose())
-        self.assertExpectedInline(self.code(e.forward_code), """\
+        self.assertExpectedInline(
+            self.code(e.forward_code),
+            """\
 def forward(self, primals_1, primals_2, primals_3):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
@@ -134,8 +142,11 @@ def forward(self, primals_1, primals_2, primals_3):
     transpose_3_handle = torch.ops.ssdtrain.store.default(transpose_3, '<dir>', [0, 2, 1]);  transpose_3 = None
     detach_1 = torch.ops.aten.detach.default(detach);  detach = None
     detach_1_handle = torch.ops.ssdtrain.store.default(detach_1, '<dir>', [0, 1]);  detach_1 = None
-    return (sum_1, primals_3, transpose_handle, transpose_2_handle, transpose_3_handle, detach_1_handle)""")
-        self.assertExpectedInline(self.code(e.backward_code), """\
+    return (sum_1, primals_3, transpose_handle, transpose_2_handle, transpose_3_handle, detach_1_handle)""",
+        )
+        self.assertExpectedInline(
+            self.code(e.backward_code),
+            """\
 def forward(self, primals_3, transpose_handle, transpose_2_handle, transpose_3_handle, detach_1_handle, tangents_1):
     transpose_2_token = torch.ops.ssdtrain.prefetch.default(transpose_2_handle)
     expand_2 = torch.ops.aten.expand.default(tangents_1, [2, 32, 32]);  tangents_1 = None
@@ -164,11 +175,14 @@ def forward(self, primals_3, transpose_handle, transpose_2_handle, transpose_3_h
     sum_2 = torch.ops.aten.sum.dim_IntList(threshold_backward, [0], True);  threshold_backward = None
     view_8 = torch.ops.aten.view.default(sum_2, [32]);  sum_2 = None
     t_3 = torch.ops.aten.t.default(t_2);  t_2 = None
-    return (t_3, view_8, None)""")
+    return (t_3, view_8, None)""",
+        )
 
     def test_inplace_activation(self) -> None:
         e = self.explain(InplaceActivation())
-        self.assertExpectedInline(self.code(e.forward_code), """\
+        self.assertExpectedInline(
+            self.code(e.forward_code),
+            """\
 def forward(self, primals_1, primals_2, primals_3):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
@@ -176,8 +190,11 @@ def forward(self, primals_1, primals_2, primals_3):
     tanh_handle = torch.ops.ssdtrain.store.default(tanh, '<dir>', [0, 1])
     mul = torch.ops.aten.mul.Tensor(tanh, tanh);  tanh = None
     sum_1 = torch.ops.aten.sum.default(mul);  mul = None
-    return (sum_1, primals_3, tanh_handle)""")
-        self.assertExpectedInline(self.code(e.backward_code), """\
+    return (sum_1, primals_3, tanh_handle)""",
+        )
+        self.assertExpectedInline(
+            self.code(e.backward_code),
+            """\
 def forward(self, primals_3, tanh_handle, tangents_1):
     tanh_token = torch.ops.ssdtrain.prefetch.default(tanh_handle)
     expand = torch.ops.aten.expand.default(tangents_1, [8, 32]);  tangents_1 = None
@@ -193,16 +210,20 @@ def forward(self, primals_3, tanh_handle, tangents_1):
     sum_2 = torch.ops.aten.sum.dim_IntList(tanh_backward, [0], True);  tanh_backward = None
     view = torch.ops.aten.view.default(sum_2, [32]);  sum_2 = None
     t_3 = torch.ops.aten.t.default(t_2);  t_2 = None
-    return (t_3, view, None)""")
+    return (t_3, view, None)""",
+        )
 
     def test_explain_table(self) -> None:
-        self.assertExpectedInline(self.code(str(self.explain(MLP())).split("forward:")[0]), """\
+        self.assertExpectedInline(
+            self.code(str(self.explain(MLP())).split("forward:")[0]),
+            """\
 graph 0: 3 saved values, 1 offloaded (1024 bytes), 2 kept
 name       shape    dtype    bytes  decision  reason
 primals_3  [8, 16]  float32  512    keep      forward input: the caller holds it
 primals_4  [4, 32]  float32  512    keep      parameter or buffer: lives for the whole run
 relu       [8, 32]  float32  1024   offload   activation: held only for backward
-""")
+""",
+        )
 
     def test_policy_none_rewrites_nothing(self) -> None:
         self.options["policy"] = "none"
@@ -233,8 +254,9 @@ class TestGoldenAccuracy(expecttest.TestCase):
     def check(self, model_type: type[torch.nn.Module], compiler: str) -> None:
         torch.manual_seed(0)
         model = model_type()
-        with tempfile.TemporaryDirectory() as d, torch._inductor.config.patch(
-            force_disable_caches=True
+        with (
+            tempfile.TemporaryDirectory() as d,
+            torch._inductor.config.patch(force_disable_caches=True),
         ):
             # Inductor is not bitwise reproducible across fresh and cached compiles
             # or thread counts by itself: caches off, one thread.

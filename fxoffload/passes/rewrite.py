@@ -10,7 +10,6 @@ lands next to its wait here; ``schedule.py`` moves it earlier.
 
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from fxoffload import ops

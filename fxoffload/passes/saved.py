@@ -109,7 +109,9 @@ def classify_saved_values(
     return records
 
 
-def tag_saved_values(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, records: list[SavedValue]) -> None:
+def tag_saved_values(
+    fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, records: list[SavedValue]
+) -> None:
     """Store each record in ``meta[META_KEY]`` of its forward node and backward placeholder."""
     by_name = {r.name: r for r in records}
     for gm in (fw_gm, bw_gm):

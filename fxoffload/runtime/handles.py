@@ -22,7 +22,9 @@ class _HandleCell(ctypes.c_int64 * 1):
     """The handle's storage; a ctypes subclass so that it can carry a finaliser."""
 
 
-def make_handle(entry_id: int, shape: Sequence[int], on_free: Callable[[int], None]) -> torch.Tensor:
+def make_handle(
+    entry_id: int, shape: Sequence[int], on_free: Callable[[int], None]
+) -> torch.Tensor:
     cell = _HandleCell(entry_id)
     weakref.finalize(cell, on_free, entry_id)
     # frombuffer keeps `cell` alive for as long as the storage lives.
