@@ -33,6 +33,18 @@ def ssdtrain(
     return compile_with_offloading(gm, example_inputs, Options.from_dict(options))
 
 
+def inductor_config_patches(partitioner: OffloadPartitioner) -> dict[str, Any]:
+    """Inductor settings for every policy, ``"none"`` included, so that it stays the baseline.
+
+    Layout optimization is off: it turns convolution outputs channels-last
+    after partitioning, so backward would read a saved conv output in a layout
+    the partitioner could not know, and an offloaded one (restored in its
+    traced layout) would take other, last-bit-different kernels. It only ever
+    applies to graphs with convolutions.
+    """
+    return {"custom_partitioner_fn": partitioner, "layout_optimization": False}
+
+
 def compile_with_offloading(
     gm: fx.GraphModule,
     example_inputs: list[torch.Tensor],
@@ -45,7 +57,7 @@ def compile_with_offloading(
     if options.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches={"custom_partitioner_fn": partitioner})
+        return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(partitioner))
     return aot_autograd(
         fw_compiler=boxed_nop,
         bw_compiler=boxed_nop,

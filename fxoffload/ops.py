@@ -13,8 +13,9 @@ In the backward graph::
     token = ssdtrain.prefetch(handle)          # placed early: starts the read
     x = ssdtrain.wait(handle, token, dtype, device, dim_order)
 
-A handle is a tiny CPU int64 tensor expanded to ``x``'s shape (see
-``runtime/handles.py``), so symbolic shapes stay visible in the backward graph.
+A handle is a CPU int64 tensor of shape ``(0, *x.shape)`` (see
+``runtime/handles.py``): symbolic sizes stay visible in the backward graph and
+it holds no memory as far as any memory planner can tell.
 ``dim_order`` (outermost dimension first) fixes the layout of what ``wait``
 returns: the fake and the real implementation build it the same way, which is
 what inductor's output-stride checks rely on. ``store`` carries the
@@ -38,7 +39,7 @@ def _store(x: torch.Tensor, offload_dir: str, dim_order: list[int]) -> torch.Ten
 
 @_store.register_fake
 def _store_fake(x: torch.Tensor, offload_dir: str, dim_order: list[int]) -> torch.Tensor:
-    return torch.empty((), dtype=torch.int64, device="cpu").expand(x.shape)
+    return torch.empty((), dtype=torch.int64, device="cpu").expand((0, *x.shape))
 
 
 @torch.library.custom_op("ssdtrain::prefetch", mutates_args=())
@@ -67,10 +68,10 @@ def _wait(
 ) -> torch.Tensor:
     """Return the stored tensor (from memory if still there, else from its file)."""
     out = registry.engine_of(handle).wait(handle)
-    if out.dtype != dtype or out.shape != handle.shape:
+    if out.dtype != dtype or out.shape != handle.shape[1:]:
         raise RuntimeError(
             f"fxoffload: handle holds a {out.dtype} tensor of shape {list(out.shape)}, "
-            f"but the graph expects {dtype} of shape {list(handle.shape)}"
+            f"but the graph expects {dtype} of shape {list(handle.shape[1:])}"
         )
     return out
 
@@ -83,7 +84,7 @@ def _wait_fake(
     device: torch.device,
     dim_order: list[int],
 ) -> torch.Tensor:
-    return torch.empty_permuted(handle.shape, dim_order, dtype=dtype, device=device)
+    return torch.empty_permuted(handle.shape[1:], dim_order, dtype=dtype, device=device)
 
 
 store = torch.ops.ssdtrain.store.default

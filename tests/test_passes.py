@@ -7,10 +7,12 @@ offloading and checks the gradients bitwise against ``policy="none"``.
 
 from __future__ import annotations
 
+import re
 import tempfile
 
 import expecttest
 import torch
+from torch._inductor.utils import run_and_get_code
 
 import fxoffload
 from fxoffload.passes import SavedKind
@@ -288,3 +290,43 @@ class TestGoldenAccuracy(expecttest.TestCase):
 
     def test_inplace_activation_accuracy(self) -> None:
         self.check(InplaceActivation, "aot_eager")
+
+
+class LayerStack(torch.nn.Module):
+    """Several layers in a row: backward needs their activations one after another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            *[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(4)]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).sum()
+
+
+class TestInductorSchedule(expecttest.TestCase):
+    def test_inductor_keeps_reads_one_ahead(self) -> None:
+        """Inductor's own reordering must not hoist every read to the start of backward.
+
+        P = prefetch, W = wait, k = any compute kernel, in inductor's backward code.
+        """
+        torch._dynamo.reset()
+        model = LayerStack()
+        with (
+            tempfile.TemporaryDirectory() as d,
+            torch._inductor.config.patch(force_disable_caches=True),
+        ):
+            options = {"compiler": "inductor", "min_bytes": 0, "offload_dir": d}
+            compiled = torch.compile(model, backend="ssdtrain", options=options)
+            _, (_, backward) = run_and_get_code(lambda: compiled(torch.randn(256, 64)).backward())
+        calls = re.findall(
+            r"ssdtrain\.(prefetch|wait)\.default\(|(?:extern_kernels\.|cpp_fused_)\w*\(", backward
+        )
+        order = "".join({"prefetch": "P", "wait": "W", "": "k"}[c] for c in calls)
+        reads = order.count("W")
+        self.assertGreaterEqual(reads, 4)
+        # Each read is issued right after the previous wait...
+        self.assertEqual(order.replace("k", ""), "P" + "WP" * (reads - 1) + "W")
+        # ...and compute runs between consecutive waits, overlapping the reads.
+        self.assertNotIn("WPW", order)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -15,7 +16,7 @@ def test_slots_are_aligned_and_disjoint() -> None:
     assert all(s.offset % 4096 == 0 and s.length % 4096 == 0 for s in slots)
     assert [s.length for s in slots] == [4096, 4096, 8192, 4096, 102400]
     ends = sorted((s.offset, s.offset + s.length) for s in slots)
-    assert all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ends, ends[1:]))
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(ends))
     assert alloc.capacity >= ends[-1][1]
 
 
@@ -54,7 +55,7 @@ def test_random_allocate_free_never_overlaps() -> None:
         else:
             live.append(alloc.allocate(rng.randrange(0, 50_000)))
         spans = sorted((s.offset, s.offset + s.length) for s in live)
-        assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+        assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
         assert alloc.in_use == sum(s.length for s in live)
 
 

@@ -1,8 +1,11 @@
 """Handles: small tensors that stand for an offloaded tensor.
 
-A handle is one int64 (the entry's id) expanded, with zero strides, to the
-shape of the tensor it stands for, so graphs with symbolic shapes still see
-those shapes on it. Its storage wraps a ctypes buffer that carries a
+A handle is one int64 (the entry's id) expanded, with zero strides, to shape
+``(0, *shape)`` of the tensor it stands for: graphs with symbolic shapes still
+see those sizes on it, while its zero element count tells inductor's memory
+planning the truth, that a handle holds no memory (an activation-sized handle
+made inductor's peak-memory reordering hoist every wait to the start of
+backward). Its storage wraps a ctypes buffer that carries a
 finaliser: when the last tensor or view using that storage dies (after
 backward, or when autograd drops a graph without one) the finaliser releases
 the entry. The handle's lifetime is therefore the saved tensor's lifetime,
@@ -29,7 +32,7 @@ def make_handle(
     weakref.finalize(cell, on_free, entry_id)
     # frombuffer keeps `cell` alive for as long as the storage lives.
     scalar = torch.frombuffer(cell, dtype=torch.int64).reshape(())
-    return scalar.expand(tuple(shape))
+    return scalar.expand((0, *shape))
 
 
 def handle_id(handle: torch.Tensor) -> int:

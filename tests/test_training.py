@@ -1,0 +1,312 @@
+"""End to end: train toy models with real torch.compile and real offload files.
+
+Each model trains a few SGD steps three times from the same initial weights
+and seed: eagerly, compiled with ``policy="none"`` (same partitioner and
+compiler, nothing offloaded) and compiled with ``policy="all"``. Offloading
+moves bytes and must not change math, so every loss, gradient and final
+parameter or buffer of ``"all"`` is bitwise that of ``"none"``; both are
+close to eager, which catches a baseline that is itself wrong. Along the way
+the offload files are watched on disk: they must exist while the graph is
+alive and be gone once backward has freed it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxoffload
+from fxoffload.runtime import Engine, engines
+
+STEPS = 3
+SEED = 0
+
+# Disabling inductor's caches (see ``reproducible``) also disables dynamo's
+# profile-guided shapes, which torch announces on every compile.
+pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
+
+
+class MLP(nn.Module):
+    """Linear layers and ReLU: saves the ReLU outputs, the next matmul's inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class SmallCNN(nn.Module):
+    """Conv2d, BatchNorm (its running stats are buffers that forward mutates),
+    ReLU, max-pooling (under aot_eager its int64 indices are saved) and a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(h.flatten(1))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm block: multi-head self-attention written with matmuls and
+    softmax (saves transposed and permuted views), dropout in training mode
+    (the RNG must replay identically), and a GELU MLP."""
+
+    def __init__(self, dim: int = 64, heads: int = 4, p: float = 0.1) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        x = x + self.drop(self.proj(self.attend(q, k, v).transpose(1, 2).reshape(b, t, d)))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        att = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        return self.drop(att.softmax(dim=-1)) @ v
+
+
+class SDPATransformerBlock(TransformerBlock):
+    """The same block with causal ``F.scaled_dot_product_attention``: a fused
+    attention op whose extra outputs (log-sum-exp) are saved for backward."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    make_model: Callable[[], nn.Module]
+    make_batch: Callable[[], Batch]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    has_dropout: bool = False
+
+
+CASES = {
+    "mlp": Case(MLP, lambda: (torch.randn(64, 64), torch.randint(0, 10, (64,))), F.cross_entropy),
+    "cnn": Case(
+        SmallCNN,
+        lambda: (torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))),
+        F.cross_entropy,
+    ),
+    "transformer": Case(
+        TransformerBlock,
+        lambda: (torch.randn(4, 32, 64), torch.randn(4, 32, 64)),
+        F.mse_loss,
+        has_dropout=True,
+    ),
+    "sdpa-transformer": Case(
+        SDPATransformerBlock,
+        lambda: (torch.randn(4, 32, 64), torch.randn(4, 32, 64)),
+        F.mse_loss,
+        has_dropout=True,
+    ),
+}
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run produced, per step and at the end."""
+
+    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grads: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
+    final_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    stats: fxoffload.OffloadStats = dataclasses.field(default_factory=fxoffload.OffloadStats)
+    """Counters of the run (reset at its start)."""
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Iterator[None]:
+    """No compiled code or guards carried over from, or into, another test."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@contextlib.contextmanager
+def reproducible(compiler: str) -> Iterator[None]:
+    """Make two inductor compiles of one model produce the same kernels.
+
+    Inductor is not run-to-run bitwise reproducible by itself: with caches on,
+    one run may reuse what an earlier compile or process left (kernels, or
+    profile-guided dynamic shapes) while the other compiles afresh, and the
+    kernels it generates (how reductions are split) depend on the thread count.
+    So caches off and one thread, for every run of an inductor test.
+    """
+    if compiler != "inductor":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def engine_at(offload_dir: Path) -> Engine:
+    """The engine writing under ``offload_dir`` (created by the first compile)."""
+    (engine,) = [e for e in engines() if Path(e.root).resolve() == offload_dir.resolve()]
+    return engine
+
+
+def bin_files(engine: Engine) -> list[str]:
+    return sorted(f for f in os.listdir(engine.directory) if f.endswith(".bin"))
+
+
+def poll(condition: Callable[[], bool], timeout: float = 2.0) -> bool:
+    """Writes are asynchronous: give them a moment to land."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def check_first_forward_on_disk(offload_dir: Path, before: fxoffload.OffloadStats) -> None:
+    """After forward, before backward: every stored tensor is a whole file on disk."""
+    engine = engine_at(offload_dir)
+    stored = fxoffload.stats().tensors_stored - before.tensors_stored
+    assert stored > 0
+    assert engine.live_entries() == stored
+    assert fxoffload.stats().handles_live - before.handles_live == stored
+    # files_on_disk counts completed writes only; wait for all of them.
+    assert poll(lambda: fxoffload.stats().files_on_disk - before.files_on_disk == stored)
+    names = bin_files(engine)
+    assert len(names) == stored
+    written = fxoffload.stats().bytes_written - before.bytes_written
+    assert written == sum(os.path.getsize(os.path.join(engine.directory, n)) for n in names)
+
+
+def check_first_backward_read_all(before: fxoffload.OffloadStats) -> None:
+    """Every write had finished, so each stored tensor came back by one file read."""
+    now = fxoffload.stats()
+    assert now.tensors_forwarded == before.tensors_forwarded
+    assert now.bytes_read - before.bytes_read == now.bytes_written - before.bytes_written
+
+
+def check_nothing_held(offload_dir: Path, before: fxoffload.OffloadStats) -> None:
+    """The step's graph is freed: its files are deleted and its handles released."""
+    engine = engine_at(offload_dir)
+    assert bin_files(engine) == []
+    assert engine.live_entries() == 0
+    now = fxoffload.stats()
+    assert now.handles_live == before.handles_live
+    assert now.files_on_disk == before.files_on_disk
+
+
+def train(
+    case: Case, model: nn.Module, batches: list[Batch], options: dict | None, offload_dir: Path
+) -> Run:
+    """Train a copy of ``model``: eagerly if ``options`` is None, else compiled.
+
+    With ``policy="all"``, the first step stops between forward and backward
+    until every file is written, and its backward must read each back; the
+    later steps run straight through, so backward may meet writes still in
+    flight and take those tensors from memory.
+    """
+    torch._dynamo.reset()
+    model = copy.deepcopy(model)
+    step = model if options is None else torch.compile(model, backend="ssdtrain", options=options)
+    offloading = options is not None and options["policy"] == "all"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    torch.manual_seed(SEED)
+    fxoffload.reset_stats()
+    run = Run()
+    for i, (x, y) in enumerate(batches):
+        before = fxoffload.stats()
+        loss = case.loss_fn(step(x), y)
+        if offloading and i == 0:
+            check_first_forward_on_disk(offload_dir, before)
+        loss.backward()
+        if offloading and i == 0:
+            check_first_backward_read_all(before)
+        run.losses.append(loss.detach())
+        run.grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        optimizer.step()
+        optimizer.zero_grad()
+        del loss
+        gc.collect()
+        if offloading:
+            check_nothing_held(offload_dir, before)
+    run.final_state = {k: v.clone() for k, v in model.state_dict().items()}
+    run.stats = fxoffload.stats()
+    return run
+
+
+def assert_runs_equal(a: Run, b: Run) -> None:
+    """Bitwise, step by step, so a failure names the first step that diverged."""
+    steps = zip(a.losses, b.losses, a.grads, b.grads, strict=True)
+    for step, (la, lb, ga, gb) in enumerate(steps):
+        assert torch.equal(la, lb), f"step {step}: loss {la.item()} != {lb.item()}"
+        assert ga.keys() == gb.keys()
+        for name in ga:
+            assert torch.equal(ga[name], gb[name]), f"step {step}: grad of {name} differs"
+    assert a.final_state.keys() == b.final_state.keys()
+    for name in a.final_state:
+        assert torch.equal(a.final_state[name], b.final_state[name]), f"final {name} differs"
+
+
+def assert_runs_close(a: Run, b: Run) -> None:
+    """Compiled kernels reorder float math: close, not equal."""
+    tol = {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(a.losses, b.losses, **tol)
+    torch.testing.assert_close(a.grads, b.grads, **tol)
+    torch.testing.assert_close(a.final_state, b.final_state, **tol)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_offloaded_training_matches_baseline_bitwise(
+    name: str, compiler: str, tmp_path: Path
+) -> None:
+    case = CASES[name]
+    torch.manual_seed(SEED)
+    model = case.make_model()
+    batches = [case.make_batch() for _ in range(STEPS)]
+    options = {"compiler": compiler, "min_bytes": 1024, "offload_dir": str(tmp_path)}
+    # Inductor draws dropout masks with its own RNG (seeded from torch's
+    # generator, but not eager's bernoulli_ stream), so with dropout only
+    # aot_eager, which runs eager's kernels, can match eager.
+    compare_with_eager = not (case.has_dropout and compiler == "inductor")
+    with reproducible(compiler):
+        baseline = train(case, model, batches, {**options, "policy": "none"}, tmp_path)
+        offloaded = train(case, model, batches, {**options, "policy": "all"}, tmp_path)
+        if compare_with_eager:
+            assert_runs_close(train(case, model, batches, None, tmp_path), baseline)
+
+    # The baseline wrote nothing; the offloaded run wrote and got it all back.
+    assert baseline.stats.tensors_stored == 0 and baseline.stats.bytes_written == 0
+    assert offloaded.stats.tensors_stored > 0 and offloaded.stats.bytes_written > 0
+    assert offloaded.stats.bytes_read > 0 or offloaded.stats.tensors_forwarded > 0
+    assert offloaded.stats.io_errors == 0
+    assert_runs_equal(baseline, offloaded)
