@@ -24,6 +24,7 @@ from fxoffload import ops as _ops  # noqa: F401  (registers the ssdtrain:: ops)
 from fxoffload.backend import ssdtrain
 from fxoffload.explain import Explanation, explain
 from fxoffload.options import Options
+from fxoffload.runtime import registry as _registry
 from fxoffload.runtime import stats as _stats
 from fxoffload.runtime.stats import OffloadStats
 
@@ -44,10 +45,11 @@ __all__ = [
 
 
 def stats() -> OffloadStats:
-    """What the engines of this process did: bytes written and read, tensors forwarded."""
-    return _stats.snapshot()
+    """What the engines of this process did (bytes written and read, tensors forwarded...)
+    and what they hold now (live handles, file bytes)."""
+    return _registry.snapshot()
 
 
 def reset_stats() -> None:
-    """Zero the counters (gauges of what is held right now are kept)."""
+    """Zero the counters; the gauges of what is held right now are unaffected."""
     _stats.reset()

@@ -52,7 +52,7 @@ def compile_with_offloading(
     on_partition: Callable[[PartitionResult], None] | None = None,
 ) -> Callable[..., Any]:
     if options.policy != "none":
-        registry.engine_for(options.offload_dir, options.io_threads)
+        registry.engine_for(options.offload_dir, options.engine_config())
     partitioner = OffloadPartitioner(options, on_partition)
     if options.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx

@@ -14,11 +14,16 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from fxoffload.runtime.engine import EngineConfig
+
 Policy = Literal["all", "none"]
 Compiler = Literal["inductor", "aot_eager"]
+IOMode = Literal["auto", "direct", "buffered"]
 
 POLICIES: tuple[str, ...] = ("all", "none")
 COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
+IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
+_ENGINE_DEFAULTS = EngineConfig()
 
 
 def default_offload_dir() -> str:
@@ -41,14 +46,27 @@ class Options:
         compiler: the compiler for the rewritten forward and backward graphs.
             ``"inductor"`` for training, ``"aot_eager"`` for fast tests and
             debugging.
-        io_threads: worker threads per engine that read and write files.
+        io_threads: worker threads per offload directory that read and write.
+        chunk_bytes: tensors are written and read in chunks of this size (a
+            multiple of 4096), so several threads keep the disk busy.
+        max_inflight_bytes: at most this many bytes wait to be written; a
+            ``store`` beyond it waits (counted in ``stats().store_waits``).
+            This bounds the memory that offloading itself holds.
+        io_mode: ``"direct"`` (O_DIRECT), ``"buffered"``, or ``"auto"``:
+            direct where the file system supports it.
+
+    The I/O settings apply when the first compile creates the engine of an
+    ``offload_dir``; later compiles with the same directory share it.
     """
 
     offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
     policy: Policy = "all"
     min_bytes: int = 1 << 20
     compiler: Compiler = "inductor"
-    io_threads: int = 2
+    io_threads: int = _ENGINE_DEFAULTS.io_threads
+    chunk_bytes: int = _ENGINE_DEFAULTS.chunk_bytes
+    max_inflight_bytes: int = _ENGINE_DEFAULTS.max_inflight_bytes
+    io_mode: IOMode = _ENGINE_DEFAULTS.io_mode
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
@@ -60,6 +78,21 @@ class Options:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_int("min_bytes", self.min_bytes, minimum=0)
         _check_int("io_threads", self.io_threads, minimum=1)
+        _check_int("chunk_bytes", self.chunk_bytes, minimum=4096)
+        if self.chunk_bytes % 4096:
+            raise ValueError(
+                f"fxoffload option 'chunk_bytes' must be a multiple of 4096; got {self.chunk_bytes}"
+            )
+        _check_int("max_inflight_bytes", self.max_inflight_bytes, minimum=1)
+        _check_choice("io_mode", self.io_mode, IO_MODES)
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            io_threads=self.io_threads,
+            chunk_bytes=self.chunk_bytes,
+            max_inflight_bytes=self.max_inflight_bytes,
+            io_mode=self.io_mode,
+        )
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | Options | None) -> Options:

@@ -1,9 +1,12 @@
-"""The engine on its own: real files, real worker threads, no compiler."""
+"""The engine on its own: a real file, real worker threads, no compiler."""
 
 from __future__ import annotations
 
 import gc
 import os
+import resource
+import signal
+import subprocess
 import threading
 import time
 
@@ -11,24 +14,29 @@ import pytest
 import torch
 
 import fxoffload
-from fxoffload.runtime import Engine
-from fxoffload.runtime.handles import handle_id
+from fxoffload.runtime import Engine, EngineConfig
 
 
 @pytest.fixture
-def engine(tmp_path):
-    engine = Engine(str(tmp_path), io_threads=1)
-    yield engine
-    engine.close()
+def make_engine(tmp_path):
+    made = []
+
+    def make(root=tmp_path, **config) -> Engine:
+        engine = Engine(str(root), EngineConfig(**{"io_threads": 1, **config}))
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
 
 
-def files_in(engine: Engine) -> list[str]:
-    return sorted(os.listdir(engine.directory))
-
-
-def wait_for_write(engine: Engine) -> None:
-    """Let queued writes finish (the single I/O thread runs jobs in order)."""
-    engine._pool.submit(lambda: None).result()
+def written(engine: Engine) -> None:
+    """Wait until no store is waiting for its write."""
+    deadline = time.monotonic() + 10
+    while engine.inflight_bytes and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.inflight_bytes == 0
 
 
 def block_io_thread(engine: Engine) -> threading.Event:
@@ -38,47 +46,87 @@ def block_io_thread(engine: Engine) -> threading.Event:
     return gate
 
 
-@pytest.mark.parametrize(
-    "t",
-    [
-        torch.rand(7, 13) > 0.5,
-        torch.randint(-128, 127, (1001,), dtype=torch.int8),
-        torch.randn(3, 5, 17, dtype=torch.bfloat16),
-        torch.randn(33, 9, dtype=torch.float64).t(),
-        torch.randn(4, 6, dtype=torch.complex64).permute(1, 0),
-        torch.randn(2, 1, 5)[:, :, 1:4].contiguous(),
-    ],
-    ids=["bool", "int8-odd", "bf16", "fp64-transposed", "complex-permuted", "size1-dim"],
-)
-def test_round_trip_is_exact(engine: Engine, t: torch.Tensor) -> None:
+def delta(before: fxoffload.OffloadStats, field: str) -> int:
+    return getattr(fxoffload.stats(), field) - getattr(before, field)
+
+
+TENSORS = {
+    "bool": lambda: torch.rand(7, 13) > 0.5,
+    "int8-odd": lambda: torch.randint(-128, 127, (1001,), dtype=torch.int8),
+    "bf16": lambda: torch.randn(3, 5, 17, dtype=torch.bfloat16),
+    "fp64-transposed": lambda: torch.randn(33, 9, dtype=torch.float64).t(),
+    "complex-permuted": lambda: torch.randn(4, 6, 5, dtype=torch.complex64).permute(2, 0, 1),
+    "size1-dim": lambda: torch.randn(2, 1, 5)[:, :, 1:4].contiguous(),
+    "empty": lambda: torch.randn(0, 3),
+    "multi-chunk-odd": lambda: torch.randn(3 * 1024 + 7),
+}
+
+
+@pytest.mark.parametrize("io_mode", ["direct", "buffered"])
+@pytest.mark.parametrize("name", list(TENSORS))
+def test_round_trip_is_exact(make_engine, name: str, io_mode: str) -> None:
+    try:
+        engine = make_engine(io_mode=io_mode, chunk_bytes=4096, io_threads=4)
+    except ValueError as e:
+        pytest.skip(f"this file system refuses O_DIRECT: {e}")
+    t = TENSORS[name]()
+    before = fxoffload.stats()
     handle = engine.store(t)
-    wait_for_write(engine)
-    assert files_in(engine) == [f"{handle_id(handle)}.bin"]
+    written(engine)
     out = engine.wait(handle)
+    assert delta(before, "bytes_read") >= t.numel() * t.element_size()
     assert out.dtype == t.dtype and out.shape == t.shape and out.stride() == t.stride()
+    assert out.storage_offset() == 0  # inductor addresses buffers from their storage's start
     assert torch.equal(out, t)
     del handle
     gc.collect()
-    assert files_in(engine) == [] and engine.live_entries() == 0
+    assert engine.live_entries() == 0 and engine.file.bytes_in_use == 0
 
 
-def test_wait_twice_reads_the_file_twice(engine: Engine) -> None:
+@pytest.fixture
+def ramfs(tmp_path):
+    """A file system without O_DIRECT (ramfs), mounted for the test when it may be."""
+    path = tmp_path / "ramfs"
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "ramfs", "ramfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount ramfs here: {mounted.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", str(path)], check=True)
+
+
+def test_direct_io_falls_back_to_buffered_without_o_direct(ramfs, make_engine) -> None:
+    engine = make_engine(root=ramfs)
+    assert not engine.file.direct
+    t = torch.randn(1000)
+    handle = engine.store(t)
+    written(engine)
+    assert torch.equal(engine.wait(handle), t)
+    del handle
+    with pytest.raises(ValueError, match=f"cannot use direct I/O in offload_dir '{ramfs}'"):
+        make_engine(root=ramfs, io_mode="direct")
+
+
+def test_wait_twice_reads_the_slot_twice(make_engine) -> None:
+    engine = make_engine()
     t = torch.randn(256, 256)
     handle = engine.store(t)
-    wait_for_write(engine)
+    written(engine)
     before = fxoffload.stats()
     engine.prefetch(handle)
     first = engine.wait(handle)
     first.zero_()  # backward may reuse what wait returned; the file must not care
-    second = engine.wait(handle)
-    assert torch.equal(second, t)
-    assert fxoffload.stats().bytes_read - before.bytes_read == 2 * t.numel() * 4
+    assert torch.equal(engine.wait(handle), t)
+    assert delta(before, "bytes_read") == 2 * t.numel() * 4
+    assert delta(before, "tensors_forwarded") == 0
 
 
-def test_wait_before_the_write_finishes_forwards_from_memory(engine: Engine) -> None:
+def test_wait_before_the_write_finishes_forwards_from_memory(make_engine) -> None:
+    engine = make_engine()
     t = torch.randn(64, 64)
     gate = block_io_thread(engine)
     handle = engine.store(t)
+    engine.prefetch(handle)  # still in memory: nothing to read
     before = fxoffload.stats()
     result: list[torch.Tensor] = []
     waiter = threading.Thread(target=lambda: result.append(engine.wait(handle)))
@@ -88,53 +136,133 @@ def test_wait_before_the_write_finishes_forwards_from_memory(engine: Engine) -> 
     gate.set()
     waiter.join(timeout=10)
     assert torch.equal(result[0], t)
-    after = fxoffload.stats()
-    assert after.tensors_forwarded - before.tensors_forwarded == 1
-    assert after.bytes_read == before.bytes_read
-    # The file is complete, so a second wait (retain_graph) reads it.
+    assert delta(before, "tensors_forwarded") == 1
+    assert delta(before, "bytes_read") == 0
+    result[0].zero_()
+    # The slot is complete, so a second wait (retain_graph) reads it.
     assert torch.equal(engine.wait(handle), t)
 
 
-def test_handle_freed_before_its_write_cancels_it(engine: Engine) -> None:
+def test_handle_freed_before_its_write_frees_the_slot(make_engine) -> None:
+    engine = make_engine()
     gate = block_io_thread(engine)
+    before = fxoffload.stats()
     handle = engine.store(torch.randn(1000))
     del handle
     gc.collect()
     gate.set()
-    wait_for_write(engine)
-    assert files_in(engine) == [] and engine.live_entries() == 0
+    written(engine)
+    assert engine.live_entries() == 0 and engine.file.bytes_in_use == 0
+    assert delta(before, "bytes_written") == 0  # the queued write was cancelled
 
 
-def test_failed_write_keeps_the_tensor_in_memory(engine: Engine) -> None:
-    t = torch.randn(128, 3)
-    os.rmdir(engine.directory)  # every write now fails with FileNotFoundError
+def test_inflight_cap_makes_store_wait(make_engine) -> None:
+    cap = 64 * 1024
+    engine = make_engine(max_inflight_bytes=cap)
+    gate = block_io_thread(engine)
+    first = torch.randn(12 * 1024)  # 48 KiB
+    second = torch.randn(12 * 1024)
+    before = fxoffload.stats()
+    handles = [engine.store(first)]
+    assert engine.inflight_bytes == 48 * 1024
+    storer = threading.Thread(target=lambda: handles.append(engine.store(second)))
+    storer.start()
+    time.sleep(0.05)
+    assert len(handles) == 1 and engine.inflight_bytes <= cap  # the second store waits
+    gate.set()
+    storer.join(timeout=10)
+    assert len(handles) == 2 and delta(before, "store_waits") == 1
+    assert delta(before, "store_wait_ns") > 0
+    written(engine)
+    assert torch.equal(engine.wait(handles[1]), second)
+
+
+def test_same_bytes_are_stored_once(make_engine) -> None:
+    engine = make_engine()
+    t = torch.randn(100, 100)
+    before = fxoffload.stats()
+    a = engine.store(t)
+    b = engine.store(t.detach())  # an alias with the same layout and version
+    written(engine)
+    assert delta(before, "tensors_deduplicated") == 1
+    assert delta(before, "bytes_written") == 40960
+    assert engine.live_entries() == 1 and engine.live_handles() == 2
+    t.add_(1)  # a new version: its bytes are new
+    c = engine.store(t)
+    written(engine)
+    assert delta(before, "tensors_deduplicated") == 1 and engine.live_entries() == 2
+    assert torch.equal(engine.wait(a), engine.wait(b)) and torch.equal(engine.wait(c), t)
+    del a
+    gc.collect()
+    assert engine.live_entries() == 2  # b still holds the shared slot
+    del b, c
+    gc.collect()
+    assert engine.live_entries() == 0 and engine.file.bytes_in_use == 0
+
+
+def test_slots_are_reused_across_steps(make_engine) -> None:
+    engine = make_engine(io_threads=2)
+    sizes = [(64, 100), (7, 3), (512, 33), (1,)]
+    sizes_seen = []
+    for _ in range(200):
+        handles = [engine.store(torch.randn(s)) for s in sizes]
+        for h in reversed(handles):
+            engine.prefetch(h)
+            engine.wait(h)
+        del handles, h  # refcounting frees the handles at once
+        sizes_seen.append(engine.file.size)
+    assert engine.file.bytes_in_use == 0
+    assert len(set(sizes_seen)) == 1
+
+
+@pytest.fixture
+def file_size_limit():
+    """A real write fault: the process may not grow files past ``limit`` bytes (EFBIG)."""
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+    def limit(nbytes: int) -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+
+    yield limit
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_failed_write_keeps_the_tensor_in_memory(make_engine, file_size_limit) -> None:
+    engine = make_engine()
+    small, big = torch.randn(10), torch.randn(64, 1024)
+    kept = engine.store(small)
+    written(engine)
+    file_size_limit(engine.file.size)  # no growth possible
     before = fxoffload.stats()
     with pytest.warns(RuntimeWarning, match="keeping the tensor in memory instead"):
-        handle = engine.store(t)
-        wait_for_write(engine)
-    assert fxoffload.stats().io_errors - before.io_errors == 1
+        handle = engine.store(big)
+        written(engine)
+    assert delta(before, "io_errors") == 1
     first = engine.wait(handle)
     first.zero_()
-    assert torch.equal(engine.wait(handle), t)
+    assert torch.equal(engine.wait(handle), big)
+    assert torch.equal(engine.wait(kept), small)
 
 
-def test_truncated_file_is_an_error_not_wrong_data(engine: Engine) -> None:
+def test_truncated_file_is_an_error_not_wrong_data(make_engine) -> None:
+    engine = make_engine()
     handle = engine.store(torch.randn(100))
-    wait_for_write(engine)
-    (name,) = files_in(engine)
-    path = os.path.join(engine.directory, name)
-    os.truncate(path, 10)
-    with pytest.raises(RuntimeError, match=f"cannot read back offloaded tensor .* from {path}"):
+    written(engine)
+    os.truncate(engine.file.path, 0)
+    with pytest.raises(
+        RuntimeError, match=f"cannot read back offloaded tensor .* from {engine.file.path}"
+    ):
         engine.wait(handle)
 
 
 def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:
     engine = Engine(str(tmp_path))
     assert os.stat(engine.directory).st_mode & 0o777 == 0o700
+    assert os.stat(engine.file.path).st_mode & 0o777 == 0o600
     handle = engine.store(torch.randn(10))
-    wait_for_write(engine)
-    (name,) = files_in(engine)
-    assert os.stat(os.path.join(engine.directory, name)).st_mode & 0o777 == 0o600
+    written(engine)
     engine.close()
     assert not os.path.exists(engine.directory)
     del handle  # a handle outliving its engine is released quietly

@@ -26,6 +26,9 @@ def compile_and_run(options: dict) -> None:
         ({"min_bytes": "1MB"}, "'min_bytes' must be an integer >= 0; got '1MB'"),
         ({"io_threads": 0}, "'io_threads' must be an integer >= 1; got 0"),
         ({"offload_dir": ""}, "'offload_dir' must be a non-empty path"),
+        ({"chunk_bytes": 5000}, "'chunk_bytes' must be a multiple of 4096; got 5000"),
+        ({"max_inflight_bytes": 0}, "'max_inflight_bytes' must be an integer >= 1; got 0"),
+        ({"io_mode": "odirect"}, "'io_mode' must be one of 'auto', 'direct', 'buffered'"),
     ],
 )
 def test_bad_option_raises_value_error(options: dict, message: str) -> None:

@@ -1,4 +1,4 @@
-"""The offload engine: moves tensors to files and back on worker threads.
+"""The offload engine: moves tensors to one file and back on worker threads.
 
 Usable without any compiler::
 
@@ -7,146 +7,268 @@ Usable without any compiler::
     engine.prefetch(h)       # starts reading it back (optional)
     t2 = engine.wait(h)      # t2 has t's shape, strides and bytes
 
-``store`` copies the tensor into a staging buffer the engine owns before it
-returns. That copy is what makes the engine safe under a compiler: inductor
-reuses an intermediate's memory for later buffers as soon as the graph stops
-using it, so the engine may not write from the caller's memory after ``store``
-returns. The staging buffer is dropped as soon as its write completes, which
-is where the memory saving comes from.
+``store`` copies the tensor into an aligned staging buffer the engine owns
+before it returns. That copy is what makes the engine safe under a compiler:
+inductor reuses an intermediate's memory for later buffers as soon as the
+graph stops using it, so the engine may not write from the caller's memory
+after ``store`` returns. On CUDA the copy to pinned memory is queued on the
+caller's stream for the same reason: later kernels on that stream may reuse
+the memory, and stream order puts them after the copy. A staging buffer is
+dropped as soon as its write completes, which is where the memory saving
+comes from; ``max_inflight_bytes`` bounds how many bytes wait to be written.
 
-An entry lives until its handle dies (see ``handles.py``); only then is its
-file removed, so a retained graph can be waited on any number of times.
+Each tensor is split into chunks written and read by several threads at
+positional offsets of one preallocated file (``offload_file.py``), with
+direct I/O where the file system allows it.
+
+An entry lives until every handle to it dies (see ``handles.py``); only then
+is its slot freed, so a retained graph can be waited on any number of times.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 import threading
+import time
 import warnings
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from fxoffload.runtime import files, stats
+from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.handles import handle_id, make_handle
+from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
+from fxoffload.runtime.slots import Slot
 
 _entry_ids = itertools.count(1)
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How an engine does I/O; ``fxoffload.Options`` carries the same knobs."""
+
+    io_threads: int = 4
+    chunk_bytes: int = 8 << 20
+    max_inflight_bytes: int = 1 << 30
+    io_mode: str = "auto"  # "auto" | "direct" | "buffered"
+
+
+class _Transfer:
+    """The chunk jobs of one write or read; ``on_done`` runs once, after the last."""
+
+    def __init__(self, n_chunks: int, on_done: Callable[[BaseException | None], None]) -> None:
+        self._remaining = n_chunks
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._on_done = on_done
+        self.futures: list[Future[None]] = []
+
+    def chunk_done(self, error: BaseException | None = None) -> None:
+        with self._lock:
+            self._remaining -= 1
+            if error is not None and self._error is None:
+                self._error = error
+            last = self._remaining == 0
+        if last:
+            try:
+                self._on_done(self._error)
+            finally:
+                self._done.set()
+
+    def cancel(self) -> None:
+        """Cancel the chunks not started yet (each counts as done)."""
+        for f in self.futures:
+            if f.cancel():
+                self.chunk_done()
+
+    def wait(self) -> BaseException | None:
+        self._done.wait()
+        return self._error
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
-    """One stored tensor: its layout, where its bytes are, and what is in flight."""
+    """One stored tensor: its layout, its slot, and what is in flight."""
 
     id: int
-    path: str
     shape: tuple[int, ...]
     dim_order: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     nbytes: int
-    staging: torch.Tensor | None
-    """The engine's copy, kept until the write succeeds (forever if it failed)."""
-    write: Future[None] | None = None
-    write_error: OSError | None = None
-    on_disk: bool = False
-    read: Future[torch.Tensor] | None = None
-    """A prefetch in flight or done, consumed by the next ``wait``."""
+    slot: Slot | None = None
+    staging: torch.Tensor | None = None
+    """The engine's aligned copy (uint8), kept until the write succeeds (forever if it failed)."""
+    write: _Transfer | None = None
+    written: bool = False
+    """The write settled (all chunks done or cancelled); set under the engine lock."""
+    write_error: BaseException | None = None
+    read: _Transfer | None = None
+    read_buffer: torch.Tensor | None = None
+    refs: int = 1
     released: bool = False
+    source: weakref.ref[torch.Tensor] | None = None
+    dedup_key: tuple | None = None
 
 
 class Engine:
-    """Stores tensors in files under a private directory of ``root``.
+    """Stores tensors in one file under a private directory of ``root``.
 
     Args:
         root: an existing, writable directory (the ``offload_dir`` option).
-        io_threads: worker threads that write and read files.
+        config: threads, chunk size, in-flight cap and I/O mode.
     """
 
-    def __init__(self, root: str, io_threads: int = 2) -> None:
+    def __init__(self, root: str, config: EngineConfig | None = None) -> None:
         self.root = root
-        self.directory = files.make_private_dir(root)
-        self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="fxoffload-io")
+        self.config = config or EngineConfig()
+        self.directory = private_dir.make_private_dir(root)
+        direct = {"auto": None, "direct": True, "buffered": False}[self.config.io_mode]
+        try:
+            self.file = OffloadFile(self.directory, direct=direct)
+        except OSError as e:
+            private_dir.remove_private_dir(self.directory)
+            raise ValueError(
+                f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
+            ) from e
+        self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
         self._lock = threading.Lock()
+        self._inflight_changed = threading.Condition(self._lock)
+        self._inflight = 0
         self._entries: dict[int, _Entry] = {}
+        self._by_source: dict[tuple, _Entry] = {}
         self._warned = False
         self._closed = False
 
     # -- the three operations -------------------------------------------------
 
     def store(self, t: torch.Tensor, dim_order: Sequence[int] | None = None) -> torch.Tensor:
-        """Start writing ``t`` to a file and return its handle.
+        """Start writing ``t`` and return its handle.
 
         ``dim_order`` (outermost dimension first, as ``Tensor.dim_order()``)
         fixes the layout that ``wait`` gives back; by default ``t``'s own.
+        Storing a tensor whose bytes are already stored (the same live tensor
+        or an alias with the same layout and version) returns another handle
+        to the same slot.
         """
         if self._closed:
             raise RuntimeError(f"fxoffload engine for {self.root!r} is closed")
         order = tuple(dim_order) if dim_order is not None else tuple(t.dim_order())
-        staging = torch.empty_permuted(
-            t.shape, order, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda
-        )
-        staging.copy_(t)
+        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version, order)
+        with self._lock:
+            twin = self._by_source.get(key)
+            if twin is not None and twin.source is not None and twin.source() is not None:
+                twin.refs += 1
+                stats.add("tensors_deduplicated")
+                return make_handle(twin.id, twin.shape, self._release)
+
+        nbytes = t.numel() * t.element_size()
+        self._reserve_inflight(nbytes)
+        buffer = aligned_buffer(nbytes, pin_memory=t.is_cuda)
+        staging = _view_as(buffer, t.shape, order, t.dtype)
+        staging.copy_(t, non_blocking=t.is_cuda)
+        copied = None
+        if t.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()
         entry = _Entry(
             id=next(_entry_ids),
-            path="",
             shape=tuple(t.shape),
             dim_order=order,
             dtype=t.dtype,
             device=t.device,
-            nbytes=staging.numel() * staging.element_size(),
-            staging=staging,
+            nbytes=nbytes,
+            staging=buffer,
+            source=weakref.ref(t),
+            dedup_key=key,
         )
-        entry.path = os.path.join(self.directory, f"{entry.id}.bin")
         with self._lock:
             self._entries[entry.id] = entry
-            entry.write = self._pool.submit(self._write, entry, staging)
+            self._by_source[key] = entry
         stats.add("tensors_stored")
-        stats.add("handles_live")
+        self._start_write(entry, buffer, copied)
         return make_handle(entry.id, entry.shape, self._release)
 
     def prefetch(self, handle: torch.Tensor) -> None:
         """Start reading the tensor back, unless it is still in memory or already read."""
         entry = self._entry(handle)
         with self._lock:
-            if entry.staging is not None or entry.read is not None:
-                return
-            entry.read = self._pool.submit(self._read, entry)
+            # Before the write settles the bytes are in memory (and a read
+            # could overtake the write of its own slot).
+            if entry.written and entry.write_error is None and entry.read is None:
+                self._start_read(entry)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         """Return the stored tensor, on its original device and with its layout.
 
         If the engine still holds the bytes (the write has not finished), they
-        are handed over directly once the write is done: no read
-        ("forwarding"). The file copy stays valid either way, so a second
-        ``wait`` on the same handle (``retain_graph=True``) reads it again.
+        are handed over once the write is done: no read ("forwarding"). The
+        slot stays valid either way, so a second ``wait`` on the same handle
+        (``retain_graph=True``) reads it again.
         """
         entry = self._entry(handle)
+        assert entry.write is not None
         with self._lock:
-            staging, write, read = entry.staging, entry.write, entry.read
-            entry.read = None
-        if staging is not None:
-            assert write is not None
-            write.result()
+            claimed = entry.staging if not entry.written else None
+            entry.staging = None if claimed is not None else entry.staging
+        if claimed is not None:
+            # Forwarding: this waiter alone gets the engine's copy, once written.
+            entry.write.wait()
             with self._lock:
-                kept = entry.write_error is not None
-            # After a failed write the staging buffer is the only copy: hand out a copy of it.
-            out = staging.clone() if kept else staging
+                failed = entry.write_error is not None
+                if failed:
+                    entry.staging = claimed
+            out = _view_as(claimed.clone() if failed else claimed, *self._layout(entry))
             stats.add("tensors_forwarded")
-        elif read is not None:
-            out = read.result()
         else:
-            out = self._read(entry)
-        return out.to(entry.device, non_blocking=True) if entry.device.type != "cpu" else out
+            out = self._wait_written(entry)
+        if entry.device.type != "cpu":
+            return out.to(entry.device, non_blocking=True)
+        return out
+
+    def _wait_written(self, entry: _Entry) -> torch.Tensor:
+        """The tensor of an entry whose staging copy someone else has, or that was dropped."""
+        entry.write.wait()  # a read must never overtake the write of its slot
+        with self._lock:
+            kept = entry.staging if entry.write_error is not None else None
+            if kept is None and entry.read is None:
+                self._start_read(entry)
+            read, buffer = entry.read, entry.read_buffer
+            entry.read = entry.read_buffer = None
+        if kept is not None:
+            # The write failed: the kept copy is the only one, hand out a copy of it.
+            stats.add("tensors_forwarded")
+            return _view_as(kept.clone(), *self._layout(entry))
+        assert read is not None and buffer is not None
+        error = read.wait()
+        if error is not None:
+            raise RuntimeError(
+                f"fxoffload: cannot read back offloaded tensor #{entry.id} "
+                f"(shape {list(entry.shape)}, {entry.dtype}) from {self.file.path}: {error}"
+            ) from error
+        return _view_as(buffer, *self._layout(entry))
 
     # -- bookkeeping -----------------------------------------------------------
 
     def live_entries(self) -> int:
-        """Entries whose handle is still alive."""
+        """Entries with at least one live handle."""
         with self._lock:
             return len(self._entries)
+
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes stored whose write has not finished (bounded by ``max_inflight_bytes``)."""
+        with self._lock:
+            return self._inflight
+
+    def live_handles(self) -> int:
+        """Handles alive (a deduplicated entry has several)."""
+        with self._lock:
+            return sum(e.refs for e in self._entries.values())
 
     def owns(self, entry_id: int) -> bool:
         with self._lock:
@@ -156,11 +278,15 @@ class Engine:
         """Finish or cancel pending I/O and remove the private directory."""
         with self._lock:
             self._closed = True
-            dropped = len(self._entries)
             self._entries.clear()
-        stats.add("handles_live", -dropped)
+            self._by_source.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        files.remove_private_dir(self.directory)
+        self.file.close()
+        private_dir.remove_private_dir(self.directory)
+
+    @staticmethod
+    def _layout(entry: _Entry) -> tuple:
+        return entry.shape, entry.dim_order, entry.dtype
 
     def _entry(self, handle: torch.Tensor) -> _Entry:
         entry_id = handle_id(handle)
@@ -172,74 +298,145 @@ class Engine:
             )
         return entry
 
-    # -- worker-thread jobs ----------------------------------------------------
+    def _reserve_inflight(self, nbytes: int) -> None:
+        """Block while writing ``nbytes`` more would exceed ``max_inflight_bytes``.
 
-    def _write(self, entry: _Entry, staging: torch.Tensor) -> None:
+        A tensor larger than the cap alone still goes through, by itself.
+        """
+        cap = self.config.max_inflight_bytes
+        with self._lock:
+            if self._inflight and self._inflight + nbytes > cap:
+                started = time.perf_counter()
+                while self._inflight and self._inflight + nbytes > cap:
+                    self._inflight_changed.wait()
+                stats.add("store_waits")
+                stats.add("store_wait_ns", int((time.perf_counter() - started) * 1e9))
+            self._inflight += nbytes
+
+    # -- I/O ---------------------------------------------------------------------
+
+    def _chunks(self, length: int) -> list[tuple[int, int]]:
+        step = self.config.chunk_bytes
+        return [(start, min(step, length - start)) for start in range(0, length, step)]
+
+    def _start_write(self, entry: _Entry, buffer: torch.Tensor, copied) -> None:
         try:
-            written = files.write_file(entry.path, staging)
+            entry.slot = self.file.allocate(entry.nbytes)
         except OSError as err:
-            with self._lock:
-                entry.write_error = err
+            entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
+            entry.write.chunk_done(err)
+            return
+        data = as_memoryview(buffer)[: entry.slot.length]
+        chunks = self._chunks(len(data))
+        transfer = _Transfer(len(chunks), lambda err: self._finish_write(entry, err))
+        entry.write = transfer
+        base = entry.slot.offset
+        for start, length in chunks:
+            view = data[start : start + length]
+            transfer.futures.append(
+                self._pool.submit(self._write_chunk, transfer, view, base + start, copied)
+            )
+
+    def _write_chunk(self, transfer: _Transfer, view: memoryview, offset: int, copied) -> None:
+        try:
+            if copied is not None:
+                copied.synchronize()
+            self.file.write(view, offset)
+        except BaseException as err:  # reported through the transfer
+            transfer.chunk_done(err)
+            return
+        stats.add("bytes_written", len(view))
+        transfer.chunk_done()
+
+    def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
+        with self._lock:
+            self._inflight -= entry.nbytes
+            self._inflight_changed.notify_all()
+            entry.written = True
+            released = entry.released
+            if error is not None:
+                entry.write_error = error
                 warn = not self._warned
                 self._warned = True
+            elif not released:
+                entry.staging = None
+        if error is not None:
             stats.add("io_errors")
             if warn:
                 warnings.warn(
-                    f"fxoffload: writing {entry.path} failed ({err}); keeping the tensor "
-                    f"in memory instead ({entry.nbytes} bytes). Gradients are unaffected; "
-                    "fxoffload.stats().io_errors counts every such tensor.",
+                    f"fxoffload: writing to {self.file.path} failed ({error}); keeping the "
+                    f"tensor in memory instead ({entry.nbytes} bytes). Gradients are "
+                    "unaffected; fxoffload.stats().io_errors counts every such tensor.",
                     RuntimeWarning,
                     stacklevel=1,
                 )
-            return
-        stats.add("bytes_written", written)
-        stats.add("files_on_disk")
-        with self._lock:
-            released = entry.released
-            if not released:
-                entry.on_disk = True
-                entry.staging = None
         if released:
-            self._unlink(entry.path)
+            self._free_slot(entry)
 
-    def _read(self, entry: _Entry) -> torch.Tensor:
-        out = torch.empty_permuted(
-            entry.shape,
-            entry.dim_order,
-            dtype=entry.dtype,
-            device="cpu",
-            pin_memory=entry.device.type == "cuda",
-        )
+    def _start_read(self, entry: _Entry) -> None:
+        """Queue the chunk reads of ``entry`` (called with the lock held)."""
+        assert entry.slot is not None
+        buffer = aligned_buffer(entry.nbytes, pin_memory=entry.device.type == "cuda")
+        data = as_memoryview(buffer)[: entry.slot.length]
+        chunks = self._chunks(len(data))
+        transfer = _Transfer(len(chunks), lambda err: None)
+        entry.read, entry.read_buffer = transfer, buffer
+        base = entry.slot.offset
+        for start, length in chunks:
+            view = data[start : start + length]
+            transfer.futures.append(
+                self._pool.submit(self._read_chunk, transfer, view, base + start)
+            )
+
+    def _read_chunk(self, transfer: _Transfer, view: memoryview, offset: int) -> None:
         try:
-            read = files.read_file(entry.path, out)
-        except OSError as err:
-            raise RuntimeError(
-                f"fxoffload: cannot read back offloaded tensor #{entry.id} "
-                f"(shape {list(entry.shape)}, {entry.dtype}) from {entry.path}: {err}"
-            ) from err
-        stats.add("bytes_read", read)
-        return out
+            self.file.read(view, offset)
+        except BaseException as err:
+            transfer.chunk_done(err)
+            return
+        stats.add("bytes_read", len(view))
+        transfer.chunk_done()
 
     def _release(self, entry_id: int) -> None:
         """Called when a handle's storage dies, from whichever thread dropped it."""
         with self._lock:
-            entry = self._entries.pop(entry_id, None)
+            entry = self._entries.get(entry_id)
             if entry is None:
                 return
+            entry.refs -= 1
+            if entry.refs:
+                return
+            del self._entries[entry_id]
+            if self._by_source.get(entry.dedup_key) is entry:
+                del self._by_source[entry.dedup_key]
             entry.released = True
-            entry.staging = None
-            entry.read = None
-            on_disk, write = entry.on_disk, entry.write
-        stats.add("handles_live", -1)
-        if write is not None and write.cancel():
-            return
-        if on_disk:
-            self._unlink(entry.path)
+            write, read = entry.write, entry.read
+            entry.read = entry.read_buffer = None
+            writing = not entry.written
+            if not writing:
+                entry.staging = None
+        if read is not None:
+            read.cancel()
+        if writing:
+            assert write is not None
+            write.cancel()  # the last chunk to settle frees the slot
+        else:
+            self._free_slot(entry)
 
-    @staticmethod
-    def _unlink(path: str) -> None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            return
-        stats.add("files_on_disk", -1)
+    def _free_slot(self, entry: _Entry) -> None:
+        if entry.slot is not None:
+            self.file.free(entry.slot)
+            entry.slot = None
+
+
+def _view_as(
+    buffer: torch.Tensor, shape: Sequence[int], dim_order: Sequence[int], dtype: torch.dtype
+) -> torch.Tensor:
+    """View the front of a uint8 buffer as a dense tensor with the given dim order."""
+    physical = [shape[d] for d in dim_order]
+    numel = 1
+    for s in physical:
+        numel *= s
+    flat = buffer[: numel * dtype.itemsize].view(dtype)
+    inverse = sorted(range(len(dim_order)), key=dim_order.__getitem__)
+    return flat.view(physical).permute(inverse)

@@ -8,23 +8,24 @@ import threading
 
 import torch
 
-from fxoffload.runtime.engine import Engine
+from fxoffload.runtime import stats
+from fxoffload.runtime.engine import Engine, EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
 _engines: dict[str, Engine] = {}
 
 
-def engine_for(root: str, io_threads: int = 2) -> Engine:
+def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
     """The engine for ``root``, created (and its directory checked) on first use.
 
-    ``io_threads`` applies when the engine is created; later callers share it.
+    ``config`` applies when the engine is created; later callers share it.
     """
     key = os.path.realpath(root)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(root, io_threads)
+            engine = _engines[key] = Engine(root, config)
         return engine
 
 
@@ -45,6 +46,19 @@ def engine_of(handle: torch.Tensor) -> Engine:
 def engines() -> list[Engine]:
     with _lock:
         return list(_engines.values())
+
+
+def snapshot() -> stats.OffloadStats:
+    """The counters plus the gauges of every live engine."""
+    live = engines()
+    modes = sorted({"direct" if e.file.direct else "buffered" for e in live})
+    return stats.OffloadStats(
+        **stats.counters(),
+        handles_live=sum(e.live_handles() for e in live),
+        slot_bytes_in_use=sum(e.file.bytes_in_use for e in live),
+        file_bytes=sum(e.file.size for e in live),
+        io_mode="+".join(modes),
+    )
 
 
 def close_all() -> None:

@@ -8,46 +8,63 @@ import threading
 
 @dataclasses.dataclass(frozen=True)
 class OffloadStats:
-    """A snapshot of the counters, summed over every engine of this process.
+    """A snapshot of what the engines of this process did and hold.
 
-    Counters grow until :func:`reset_stats`; ``handles_live`` and
-    ``files_on_disk`` are gauges of what is held right now and are never reset.
+    Counters grow until ``fxoffload.reset_stats()``. The last four fields are
+    gauges of what is held right now and are never reset.
     """
 
     tensors_stored: int = 0
-    """Tensors handed to ``store``."""
+    """Tensors handed to ``store`` (deduplicated ones included)."""
+    tensors_deduplicated: int = 0
+    """Stores whose bytes were already stored: a second handle to the same slot, no write."""
     bytes_written: int = 0
-    """Bytes that reached an offload file."""
+    """Bytes written to offload files (slots are padded to 4 KiB)."""
     bytes_read: int = 0
     """Bytes read back from offload files."""
     tensors_forwarded: int = 0
     """Waits served from memory, because the tensor was still there: no read."""
     io_errors: int = 0
     """Writes that failed; the tensor was kept in memory instead."""
+    store_waits: int = 0
+    """Stores that waited because ``max_inflight_bytes`` were already waiting to be written."""
+    store_wait_ns: int = 0
+    """Total time those stores waited."""
     handles_live: int = 0
-    """Stored tensors whose handle is still alive (their graph is not freed yet)."""
-    files_on_disk: int = 0
-    """Offload files that exist right now."""
+    """Stored tensors whose graph still holds a handle to them."""
+    slot_bytes_in_use: int = 0
+    """Bytes of offload files that hold live tensors."""
+    file_bytes: int = 0
+    """Size of the offload files (their high-water mark: freed slots are reused)."""
+    io_mode: str = ""
+    """``"direct"`` (O_DIRECT), ``"buffered"``, or both, over the engines in use."""
 
 
-_COUNTERS = ("tensors_stored", "bytes_written", "bytes_read", "tensors_forwarded", "io_errors")
+COUNTERS = (
+    "tensors_stored",
+    "tensors_deduplicated",
+    "bytes_written",
+    "bytes_read",
+    "tensors_forwarded",
+    "io_errors",
+    "store_waits",
+    "store_wait_ns",
+)
 _lock = threading.Lock()
-_values: dict[str, int] = {f.name: 0 for f in dataclasses.fields(OffloadStats)}
+_values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
 def add(name: str, amount: int = 1) -> None:
-    """Add ``amount`` (may be negative for gauges) to one counter."""
     with _lock:
         _values[name] += amount
 
 
-def snapshot() -> OffloadStats:
+def counters() -> dict[str, int]:
     with _lock:
-        return OffloadStats(**_values)
+        return dict(_values)
 
 
 def reset() -> None:
-    """Zero the counters; gauges keep describing what is held."""
     with _lock:
-        for name in _COUNTERS:
+        for name in COUNTERS:
             _values[name] = 0
