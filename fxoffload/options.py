@@ -23,6 +23,7 @@ IOMode = Literal["auto", "direct", "buffered"]
 POLICIES: tuple[str, ...] = ("all", "none")
 COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
 IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
+ON_IO_ERROR: tuple[str, ...] = ("keep", "raise")
 _ENGINE_DEFAULTS = EngineConfig()
 
 
@@ -54,6 +55,11 @@ class Options:
             This bounds the memory that offloading itself holds.
         io_mode: ``"direct"`` (O_DIRECT), ``"buffered"``, or ``"auto"``:
             direct where the file system supports it.
+        verify: checksum (CRC-32) each chunk when written, check it when read,
+            so a file changed under us is an error, never wrong gradients.
+        on_io_error: when a write fails (disk full, ...): ``"keep"`` the
+            tensor in memory and go on (one warning, ``stats().io_errors``),
+            or ``"raise"`` an error naming the file and the free space.
 
     The I/O settings apply when the first compile creates the engine of an
     ``offload_dir``; later compiles with the same directory share it.
@@ -67,6 +73,8 @@ class Options:
     chunk_bytes: int = _ENGINE_DEFAULTS.chunk_bytes
     max_inflight_bytes: int = _ENGINE_DEFAULTS.max_inflight_bytes
     io_mode: IOMode = _ENGINE_DEFAULTS.io_mode
+    verify: bool = _ENGINE_DEFAULTS.verify
+    on_io_error: Literal["keep", "raise"] = "keep"
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
@@ -85,6 +93,11 @@ class Options:
             )
         _check_int("max_inflight_bytes", self.max_inflight_bytes, minimum=1)
         _check_choice("io_mode", self.io_mode, IO_MODES)
+        _check_choice("on_io_error", self.on_io_error, ON_IO_ERROR)
+        if not isinstance(self.verify, bool):
+            raise ValueError(
+                f"fxoffload option 'verify' must be True or False; got {self.verify!r}"
+            )
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig(
@@ -92,6 +105,8 @@ class Options:
             chunk_bytes=self.chunk_bytes,
             max_inflight_bytes=self.max_inflight_bytes,
             io_mode=self.io_mode,
+            verify=self.verify,
+            on_io_error=self.on_io_error,
         )
 
     @classmethod

@@ -252,9 +252,31 @@ def test_truncated_file_is_an_error_not_wrong_data(make_engine) -> None:
     written(engine)
     os.truncate(engine.file.path, 0)
     with pytest.raises(
-        RuntimeError, match=f"cannot read back offloaded tensor .* from {engine.file.path}"
+        RuntimeError, match=f"cannot read back offloaded tensor .* in {engine.file.path}"
     ):
         engine.wait(handle)
+
+
+def test_overwritten_bytes_fail_their_checksum(make_engine) -> None:
+    engine = make_engine(chunk_bytes=4096)
+    handle = engine.store(torch.randn(3000))
+    written(engine)
+    with open(engine.file.path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x01")
+    with pytest.raises(RuntimeError, match="checksum mismatch"):
+        engine.wait(handle)
+
+
+def test_raise_mode_names_the_file_and_free_space(make_engine, file_size_limit) -> None:
+    engine = make_engine(on_io_error="raise")
+    kept = engine.store(torch.randn(10))
+    written(engine)
+    file_size_limit(engine.file.size)
+    with pytest.raises(RuntimeError, match=r"no room for offloaded tensor .* bytes free in"):
+        engine.store(torch.randn(64, 1024))
+    assert engine.live_entries() == 1 and engine.inflight_bytes == 0
+    del kept
 
 
 def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:

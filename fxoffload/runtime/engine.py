@@ -28,11 +28,14 @@ is its slot freed, so a retained graph can be waited on any number of times.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
+import shutil
 import threading
 import time
 import warnings
 import weakref
+import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -54,6 +57,9 @@ class EngineConfig:
     chunk_bytes: int = 8 << 20
     max_inflight_bytes: int = 1 << 30
     io_mode: str = "auto"  # "auto" | "direct" | "buffered"
+    verify: bool = True
+    """Checksum every chunk when written and check it when read back."""
+    on_io_error: str = "keep"  # "keep" | "raise"
 
 
 class _Transfer:
@@ -113,6 +119,8 @@ class _Entry:
     released: bool = False
     source: weakref.ref[torch.Tensor] | None = None
     dedup_key: tuple | None = None
+    checksums: list[int] = dataclasses.field(default_factory=list)
+    """CRC-32 of each written chunk, when verifying."""
 
 
 class Engine:
@@ -189,8 +197,8 @@ class Engine:
         with self._lock:
             self._entries[entry.id] = entry
             self._by_source[key] = entry
-        stats.add("tensors_stored")
         self._start_write(entry, buffer, copied)
+        stats.add("tensors_stored")
         return make_handle(entry.id, entry.shape, self._release)
 
     def prefetch(self, handle: torch.Tensor) -> None:
@@ -222,6 +230,9 @@ class Engine:
                 failed = entry.write_error is not None
                 if failed:
                     entry.staging = claimed
+            if failed and self.config.on_io_error == "raise":
+                assert entry.write_error is not None
+                raise self._io_error("could not write", entry, entry.write_error)
             out = _view_as(claimed.clone() if failed else claimed, *self._layout(entry))
             stats.add("tensors_forwarded")
         else:
@@ -239,6 +250,9 @@ class Engine:
                 self._start_read(entry)
             read, buffer = entry.read, entry.read_buffer
             entry.read = entry.read_buffer = None
+        if kept is not None and self.config.on_io_error == "raise":
+            assert entry.write_error is not None
+            raise self._io_error("could not write", entry, entry.write_error)
         if kept is not None:
             # The write failed: the kept copy is the only one, hand out a copy of it.
             stats.add("tensors_forwarded")
@@ -246,10 +260,7 @@ class Engine:
         assert read is not None and buffer is not None
         error = read.wait()
         if error is not None:
-            raise RuntimeError(
-                f"fxoffload: cannot read back offloaded tensor #{entry.id} "
-                f"(shape {list(entry.shape)}, {entry.dtype}) from {self.file.path}: {error}"
-            ) from error
+            raise self._io_error("cannot read back", entry, error) from error
         return _view_as(buffer, *self._layout(entry))
 
     # -- bookkeeping -----------------------------------------------------------
@@ -323,30 +334,55 @@ class Engine:
         try:
             entry.slot = self.file.allocate(entry.nbytes)
         except OSError as err:
+            if self.config.on_io_error == "raise":
+                self._forget(entry)
+                raise self._io_error("no room for", entry, err) from err
             entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
             entry.write.chunk_done(err)
             return
         data = as_memoryview(buffer)[: entry.slot.length]
         chunks = self._chunks(len(data))
+        entry.checksums = [0] * len(chunks)
         transfer = _Transfer(len(chunks), lambda err: self._finish_write(entry, err))
         entry.write = transfer
         base = entry.slot.offset
-        for start, length in chunks:
+        for i, (start, length) in enumerate(chunks):
             view = data[start : start + length]
             transfer.futures.append(
-                self._pool.submit(self._write_chunk, transfer, view, base + start, copied)
+                self._pool.submit(self._write_chunk, transfer, entry, i, view, base + start, copied)
             )
 
-    def _write_chunk(self, transfer: _Transfer, view: memoryview, offset: int, copied) -> None:
+    def _write_chunk(
+        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int, copied
+    ) -> None:
         try:
             if copied is not None:
                 copied.synchronize()
             self.file.write(view, offset)
+            if self.config.verify:
+                entry.checksums[i] = zlib.crc32(view)
         except BaseException as err:  # reported through the transfer
             transfer.chunk_done(err)
             return
         stats.add("bytes_written", len(view))
         transfer.chunk_done()
+
+    def _forget(self, entry: _Entry) -> None:
+        """Undo a store that raised: no entry, no reservation."""
+        with self._lock:
+            self._entries.pop(entry.id, None)
+            if self._by_source.get(entry.dedup_key) is entry:
+                del self._by_source[entry.dedup_key]
+            self._inflight -= entry.nbytes
+            self._inflight_changed.notify_all()
+
+    def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
+        free = shutil.disk_usage(self.directory).free
+        return RuntimeError(
+            f"fxoffload: {what} offloaded tensor #{entry.id} ({entry.nbytes} bytes, shape "
+            f"{list(entry.shape)}, {entry.dtype}) in {self.file.path} ({free} bytes free "
+            f"in {self.directory}): {err}"
+        )
 
     def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
         with self._lock:
@@ -382,15 +418,23 @@ class Engine:
         transfer = _Transfer(len(chunks), lambda err: None)
         entry.read, entry.read_buffer = transfer, buffer
         base = entry.slot.offset
-        for start, length in chunks:
+        for i, (start, length) in enumerate(chunks):
             view = data[start : start + length]
             transfer.futures.append(
-                self._pool.submit(self._read_chunk, transfer, view, base + start)
+                self._pool.submit(self._read_chunk, transfer, entry, i, view, base + start)
             )
 
-    def _read_chunk(self, transfer: _Transfer, view: memoryview, offset: int) -> None:
+    def _read_chunk(
+        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int
+    ) -> None:
         try:
             self.file.read(view, offset)
+            if self.config.verify and zlib.crc32(view) != entry.checksums[i]:
+                raise OSError(
+                    errno.EIO,
+                    f"bytes {offset}-{offset + len(view)} differ from what was written "
+                    "(checksum mismatch): the file was changed",
+                )
         except BaseException as err:
             transfer.chunk_done(err)
             return

@@ -1,11 +1,17 @@
-"""The engine's private directory under ``offload_dir``."""
+"""The engine's private directory under ``offload_dir``, and cleanup of crashed ones."""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import stat
 import tempfile
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"fxoffload-(\d+)-\w+")
 
 
 def make_private_dir(root: str) -> str:
@@ -20,6 +26,7 @@ def make_private_dir(root: str) -> str:
         raise ValueError(f"fxoffload offload_dir {root!r} is not a directory")
     if not os.access(root, os.W_OK | os.X_OK):
         raise ValueError(f"fxoffload offload_dir {root!r} is not writable by this process")
+    remove_stale_dirs(root)
     try:
         path = tempfile.mkdtemp(prefix=f"fxoffload-{os.getpid()}-", dir=root)
     except OSError as e:
@@ -30,3 +37,35 @@ def make_private_dir(root: str) -> str:
 
 def remove_private_dir(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_dirs(root: str) -> list[str]:
+    """Remove private directories in ``root`` left by processes of ours that are gone.
+
+    Only directories named by this module, owned by this user, not symlinks,
+    whose pid no longer runs. A live process's directory is never touched
+    (a reused pid errs on the side of keeping).
+    """
+    removed = []
+    for name in os.listdir(root):
+        match = _NAME.fullmatch(name)
+        if match is None or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(root, name)
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by process %s which is gone", path, match.group(1))
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
