@@ -77,7 +77,9 @@ class _Transfer:
         with self._lock:
             self._remaining -= 1
             if error is not None and self._error is None:
-                self._error = error
+                # Kept without its traceback: the frames it holds reach back into
+                # the compiled graph's locals, whose handles would never be freed.
+                self._error = error.with_traceback(None)
             last = self._remaining == 0
         if last:
             try:
@@ -286,8 +288,10 @@ class Engine:
             return entry_id in self._entries
 
     def close(self) -> None:
-        """Finish or cancel pending I/O and remove the private directory."""
+        """Finish or cancel pending I/O and remove the private directory (idempotent)."""
         with self._lock:
+            if self._closed:
+                return
             self._closed = True
             self._entries.clear()
             self._by_source.clear()
