@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+from fxoffload import config
 from fxoffload import ops as _ops  # noqa: F401  (registers the ssdtrain:: ops)
 from fxoffload.backend import ssdtrain
 from fxoffload.explain import Explanation, explain
@@ -37,6 +38,7 @@ __all__ = [
     "Explanation",
     "OffloadStats",
     "Options",
+    "config",
     "explain",
     "reset_stats",
     "ssdtrain",

@@ -13,6 +13,7 @@ from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
 from fxoffload.partitioner import PartitionResult
 from fxoffload.passes import SavedValue
+from fxoffload.report import format_decisions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,28 +56,6 @@ class Explanation:
             parts.append(f"forward:\n{g.forward_code}")
             parts.append(f"backward:\n{g.backward_code}")
         return "\n".join(parts)
-
-
-def format_decisions(decisions: list[SavedValue]) -> str:
-    """A fixed-width table: name, shape, dtype, bytes, decision, reason."""
-    header = ("name", "shape", "dtype", "bytes", "decision", "reason")
-    rows = [
-        (
-            d.name,
-            "-" if d.shape is None else str(list(d.shape)),
-            "-" if d.dtype is None else str(d.dtype).removeprefix("torch."),
-            str(d.nbytes),
-            "offload" if d.offload else "keep",
-            d.reason,
-        )
-        for d in decisions
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
-    lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
-        lines.append("  ".join([*cells, row[-1]]))
-    return "\n".join(lines)
 
 
 def explain(

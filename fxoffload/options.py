@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from fxoffload import config
 from fxoffload.runtime.engine import EngineConfig
 
 Policy = Literal["all", "none"]
@@ -24,57 +25,39 @@ POLICIES: tuple[str, ...] = ("all", "none")
 COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
 IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
 ON_IO_ERROR: tuple[str, ...] = ("keep", "raise")
-_ENGINE_DEFAULTS = EngineConfig()
 
 
 def default_offload_dir() -> str:
-    """``$FXOFFLOAD_DIR`` if set, else the system temporary directory."""
-    return os.environ.get("FXOFFLOAD_DIR") or tempfile.gettempdir()
+    """``config.offload_dir``, else ``$FXOFFLOAD_DIR``, else the system temporary directory."""
+    return config.offload_dir or os.environ.get("FXOFFLOAD_DIR") or tempfile.gettempdir()
+
+
+def _default(name: str):
+    """A field whose default is read from ``fxoffload.config`` when an Options is made."""
+    return dataclasses.field(default_factory=lambda: getattr(config, name))
 
 
 @dataclasses.dataclass(frozen=True)
 class Options:
     """What to offload, where to, and which compiler runs the rewritten graphs.
 
-    Attributes:
-        offload_dir: directory that holds the offload files. The engine makes a
-            private subdirectory in it (mode 0700) and removes it at exit.
-        policy: ``"all"`` offloads every eligible saved activation; ``"none"``
-            rewrites nothing but keeps the same partitioner and compiler, so it
-            is the in-process baseline that offloading must match bit for bit.
-        min_bytes: saved tensors smaller than this stay in memory: their I/O
-            would cost more than the memory they free.
-        compiler: the compiler for the rewritten forward and backward graphs.
-            ``"inductor"`` for training, ``"aot_eager"`` for fast tests and
-            debugging.
-        io_threads: worker threads per offload directory that read and write.
-        chunk_bytes: tensors are written and read in chunks of this size (a
-            multiple of 4096), so several threads keep the disk busy.
-        max_inflight_bytes: at most this many bytes wait to be written; a
-            ``store`` beyond it waits (counted in ``stats().store_waits``).
-            This bounds the memory that offloading itself holds.
-        io_mode: ``"direct"`` (O_DIRECT), ``"buffered"``, or ``"auto"``:
-            direct where the file system supports it.
-        verify: checksum (CRC-32) each chunk when written, check it when read,
-            so a file changed under us is an error, never wrong gradients.
-        on_io_error: when a write fails (disk full, ...): ``"keep"`` the
-            tensor in memory and go on (one warning, ``stats().io_errors``),
-            or ``"raise"`` an error naming the file and the free space.
-
-    The I/O settings apply when the first compile creates the engine of an
-    ``offload_dir``; later compiles with the same directory share it.
+    One field per option; ``fxoffload.config`` documents each and holds its
+    default, read when the Options is made (so ``config.patch`` applies).
+    The I/O settings (``io_threads`` to ``on_io_error``) apply when the first
+    compile creates the engine of an ``offload_dir``; later compiles with the
+    same directory share it.
     """
 
     offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
-    policy: Policy = "all"
-    min_bytes: int = 1 << 20
-    compiler: Compiler = "inductor"
-    io_threads: int = _ENGINE_DEFAULTS.io_threads
-    chunk_bytes: int = _ENGINE_DEFAULTS.chunk_bytes
-    max_inflight_bytes: int = _ENGINE_DEFAULTS.max_inflight_bytes
-    io_mode: IOMode = _ENGINE_DEFAULTS.io_mode
-    verify: bool = _ENGINE_DEFAULTS.verify
-    on_io_error: Literal["keep", "raise"] = "keep"
+    policy: Policy = _default("policy")
+    min_bytes: int = _default("min_bytes")
+    compiler: Compiler = _default("compiler")
+    io_threads: int = _default("io_threads")
+    chunk_bytes: int = _default("chunk_bytes")
+    max_inflight_bytes: int = _default("max_inflight_bytes")
+    io_mode: IOMode = _default("io_mode")
+    verify: bool = _default("verify")
+    on_io_error: Literal["keep", "raise"] = _default("on_io_error")
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):

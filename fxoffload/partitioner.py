@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
+from fxoffload._logging import log_partition
 from fxoffload.options import Options
 from fxoffload.passes import SavedValue, offload_saved_activations
 
@@ -62,8 +63,10 @@ class OffloadPartitioner(CustomPartitionerFn):
             static_input_indices=kwargs.get("static_lifetime_input_indices"),
             options=self.options,
         )
+        result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip())
+        log_partition(result.decisions, result.forward_code, result.backward_code)
         if self.on_partition is not None:
-            self.on_partition(PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip()))
+            self.on_partition(result)
         return fw_gm, bw_gm
 
     def uuid(self) -> bytes:

@@ -41,6 +41,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from fxoffload import config
 from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
@@ -49,17 +50,20 @@ from fxoffload.runtime.slots import Slot
 _entry_ids = itertools.count(1)
 
 
+def _default(name: str):
+    return dataclasses.field(default_factory=lambda: getattr(config, name))
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    """How an engine does I/O; ``fxoffload.Options`` carries the same knobs."""
+    """How an engine does I/O; defaults and meanings in ``fxoffload.config``."""
 
-    io_threads: int = 4
-    chunk_bytes: int = 8 << 20
-    max_inflight_bytes: int = 1 << 30
-    io_mode: str = "auto"  # "auto" | "direct" | "buffered"
-    verify: bool = True
-    """Checksum every chunk when written and check it when read back."""
-    on_io_error: str = "keep"  # "keep" | "raise"
+    io_threads: int = _default("io_threads")
+    chunk_bytes: int = _default("chunk_bytes")
+    max_inflight_bytes: int = _default("max_inflight_bytes")
+    io_mode: str = _default("io_mode")
+    verify: bool = _default("verify")
+    on_io_error: str = _default("on_io_error")
 
 
 class _Transfer:

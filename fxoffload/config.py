@@ -1,0 +1,55 @@
+"""Defaults of every ``ssdtrain`` option, as a patchable PyTorch-style config.
+
+The one place that documents each knob. ``torch.compile(..., options={...})``
+overrides these per compile; this module changes the defaults for every
+compile, the way ``torch._functorch.config`` does::
+
+    import fxoffload
+
+    with fxoffload.config.patch(policy="none"):        # context manager
+        compiled = torch.compile(model, backend="ssdtrain")
+
+    @fxoffload.config.patch(min_bytes=4 << 20)          # or decorator
+    def train(): ...
+
+Environment: ``FXOFFLOAD_DIR`` sets the offload directory when
+``offload_dir`` is None.
+"""
+
+import sys
+
+from torch.utils._config_module import install_config_module
+
+# Where offload files go: the engine makes a private 0700 directory inside.
+# None: $FXOFFLOAD_DIR if set, else the system temporary directory.
+offload_dir: str | None = None
+
+# "all": offload every eligible saved activation. "none": rewrite nothing, same
+# partitioner and compiler (the bitwise baseline).
+policy: str = "all"
+
+# Saved tensors smaller than this stay in memory.
+min_bytes: int = 1 << 20
+
+# Compiler for the rewritten graphs: "inductor", or "aot_eager" for tests.
+compiler: str = "inductor"
+
+# I/O worker threads per offload directory.
+io_threads: int = 4
+
+# Tensors move in chunks of this many bytes (a multiple of 4096).
+chunk_bytes: int = 8 << 20
+
+# At most this many bytes wait to be written; a store beyond it waits.
+max_inflight_bytes: int = 1 << 30
+
+# "direct" (O_DIRECT), "buffered", or "auto" (direct where supported).
+io_mode: str = "auto"
+
+# CRC-32 every chunk on write and check it on read.
+verify: bool = True
+
+# A failed write: "keep" the tensor in memory and go on, or "raise".
+on_io_error: str = "keep"
+
+install_config_module(sys.modules[__name__])
