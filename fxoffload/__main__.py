@@ -1,0 +1,5 @@
+"""Entry point of ``python -m fxoffload``."""
+
+from fxoffload.cli import main
+
+raise SystemExit(main())
