@@ -2,34 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import torch
+from subprocess_scripts import TINY_TRAINING_STEP, run_python
 
 import fxoffload
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys, torch
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
-    options = {"compiler": "aot_eager", "min_bytes": 0, "offload_dir": sys.argv[1]}
-    torch.compile(model, backend="ssdtrain", options=options)(torch.randn(32, 64)).sum().backward()
-    """
-)
-
 
 def run(tmp_path, **env: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**{k: v for k, v in os.environ.items() if k != "TORCH_LOGS"}, **env},
-        check=False,
-    )
+    done = run_python(TINY_TRAINING_STEP, str(tmp_path), **env)
     assert done.returncode == 0, done.stderr
     return done.stderr
 
