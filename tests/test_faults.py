@@ -406,3 +406,36 @@ def test_soak_resources_stay_flat(tmp_path) -> None:
     assert len(set(samples)) == 1, set(samples)
     fds, files, in_use, _ = samples[-1]
     assert files == 1 and in_use == 0
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler) -> None:
+    """Symbolic sizes reach backward through the handles' shapes."""
+
+    def step(m):
+        results = []
+        for length in (17, 33):
+            x = torch.randn(length, 5, 256, generator=torch.Generator().manual_seed(length))
+            loss = m(x)
+            loss.backward()
+            results.append(loss.detach())
+        return results
+
+    def compile_dynamic(model, offload_dir, **options):
+        options = {"compiler": compiler, "min_bytes": 0, "offload_dir": str(offload_dir), **options}
+        return torch.compile(model, backend="ssdtrain", options=options, dynamic=True)
+
+    torch.manual_seed(0)
+    base = Blocks()
+    results = []
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for policy in ("none", "all"):
+            torch._dynamo.reset()
+            m = copy.deepcopy(base)
+            before = fxoffload.stats()
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            results.append(step(compile_dynamic(m, tmp_path, policy=policy)) + grads(m))
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
+    assert stored_since(before) > 0
+    assert_equal(*results)
+    assert_nothing_held(tmp_path)
