@@ -1,0 +1,194 @@
+"""How close the engine runs to the disk's own bandwidth, and what offloading costs a step.
+
+In one run, against the offload directory's device:
+
+1. raw: one large sequential O_DIRECT write, then read, of ``--total-mib``;
+2. engine: ``store`` of tensors of 1, 4, 16 and 64 MiB moving the same total
+   (copy into staging included, timed until every write landed), then
+   ``prefetch`` + ``wait`` of all of them; each as GB/s and as a ratio to raw;
+3. a training step of a model with large, cheap activations under
+   ``policy="all"`` vs ``policy="none"`` (same compile otherwise): the median
+   step time ratio and the effective bandwidth, bytes offloaded per step
+   divided by the extra time per step.
+
+``--sweep`` adds a table over I/O threads and chunk sizes, from which the
+defaults were chosen. Run from the repository root::
+
+    python benchmarks/io_bandwidth.py [--dir /nvme/x] [--total-mib 1024] [--sweep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import fxoffload
+from fxoffload.runtime import Engine, EngineConfig
+
+MiB = 1 << 20
+
+
+def raw_bandwidth(directory: str, total: int) -> tuple[float, float, bool]:
+    """Sequential write then read of ``total`` bytes in 16 MiB calls; GB/s each, and direct?"""
+    block = 16 * MiB
+    buf = mmap.mmap(-1, block)
+    buf.write(os.urandom(MiB) * 16)
+    path = os.path.join(directory, "raw.bin")
+    direct = True
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+    except OSError:
+        direct = False
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, total)
+        start = time.perf_counter()
+        for offset in range(0, total, block):
+            os.pwrite(fd, buf, offset)
+        os.fsync(fd)
+        write = total / (time.perf_counter() - start) / 1e9
+        start = time.perf_counter()
+        for offset in range(0, total, block):
+            os.preadv(fd, [buf], offset)
+        read = total / (time.perf_counter() - start) / 1e9
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return write, read, direct
+
+
+def engine_bandwidth(directory: str, size: int, total: int, config: EngineConfig):
+    """Store then load ``total`` bytes as tensors of ``size`` bytes; GB/s each."""
+    engine = Engine(directory, config)
+    try:
+        tensors = [torch.randn(size // 4) for _ in range(max(1, total // size))]
+        moved = len(tensors) * size
+        before = fxoffload.runtime.snapshot()
+        start = time.perf_counter()
+        handles = [engine.store(t) for t in tensors]
+        while engine.inflight_bytes:
+            time.sleep(0.0005)
+        store = moved / (time.perf_counter() - start) / 1e9
+        del tensors
+        start = time.perf_counter()
+        for h in handles:
+            engine.prefetch(h)
+        for h in handles:
+            engine.wait(h)
+        load = moved / (time.perf_counter() - start) / 1e9
+        after = fxoffload.runtime.snapshot()
+        assert after.tensors_forwarded == before.tensors_forwarded, "a load was not a read"
+        waits = after.store_waits - before.store_waits
+    finally:
+        del handles
+        engine.close()
+    return store, load, waits
+
+
+class CheapActivations(torch.nn.Module):
+    """Wide elementwise layers: many activation bytes per FLOP, the hard case to hide."""
+
+    def __init__(self, width: int = 1024, layers: int = 6) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.nn.functional.gelu(layer(x)) * torch.sigmoid(x)
+        return x.square().mean()
+
+
+def step_times(
+    policy: str, directory: str, compiler: str, steps: int, verify: bool
+) -> tuple[float, int]:
+    """Median step time (s) and bytes written per step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CheapActivations()
+    x = torch.randn(2048, 1024)
+    options = {"policy": policy, "offload_dir": directory, "compiler": compiler, "verify": verify}
+    compiled = torch.compile(model, backend="ssdtrain", options=options)
+    for _ in range(2):  # compile and warm up
+        compiled(x).backward()
+    times = []
+    before = fxoffload.stats().bytes_written
+    for _ in range(steps):
+        start = time.perf_counter()
+        compiled(x).backward()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), (fxoffload.stats().bytes_written - before) // steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="offload directory")
+    parser.add_argument("--total-mib", type=int, default=1024, help="bytes moved per measurement")
+    parser.add_argument("--io-threads", type=int, default=fxoffload.config.io_threads)
+    parser.add_argument("--chunk-mib", type=int, default=fxoffload.config.chunk_bytes // MiB)
+    parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
+    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=fxoffload.config.verify,
+        help="checksum chunks (the verify option)",
+    )
+    parser.add_argument("--sweep", action="store_true", help="also sweep threads x chunk size")
+    args = parser.parse_args()
+    total = args.total_mib * MiB
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as work:
+        raw_w, raw_r, direct = raw_bandwidth(work, total)
+        print(f"fxoffload I/O benchmark: dir={args.dir} torch={torch.__version__}")
+        print(
+            f"raw sequential ({'O_DIRECT' if direct else 'buffered'}, {args.total_mib} MiB):"
+            f" write {raw_w:.2f} GB/s, read {raw_r:.2f} GB/s"
+        )
+        config = EngineConfig(
+            io_threads=args.io_threads, chunk_bytes=args.chunk_mib * MiB, verify=args.verify
+        )
+        print(
+            f"engine (io_threads={config.io_threads}, chunk={args.chunk_mib} MiB, "
+            f"verify={config.verify}):"
+        )
+        print(f"{'tensor':>8} {'store GB/s':>11} {'/raw':>6} {'load GB/s':>10} {'/raw':>6}")
+        for size_mib in (1, 4, 16, 64):
+            store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config)
+            note = f"  ({waits} store waits)" if waits else ""
+            print(
+                f"{size_mib:>5} MiB {store:>11.2f} {store / raw_w:>6.2f} "
+                f"{load:>10.2f} {load / raw_r:>6.2f}{note}"
+            )
+
+        if args.sweep:
+            print("sweep: store/load GB/s for 16 and 64 MiB tensors")
+            for threads in (1, 2, 4, 8):
+                for chunk_mib in (1, 4, 8, 16):
+                    cfg = EngineConfig(
+                        io_threads=threads, chunk_bytes=chunk_mib * MiB, verify=args.verify
+                    )
+                    cells = []
+                    for size_mib in (16, 64):
+                        s, ld, _ = engine_bandwidth(work, size_mib * MiB, total, cfg)
+                        cells.append(f"{size_mib} MiB {s:.2f}/{ld:.2f}")
+                    print(f"  threads={threads} chunk={chunk_mib:>2} MiB: " + "  ".join(cells))
+
+        none, _ = step_times("none", work, args.compiler, args.steps, args.verify)
+        offloaded, per_step = step_times("all", work, args.compiler, args.steps, args.verify)
+        extra = offloaded - none
+        effective = per_step / extra / 1e9 if extra > 0 else float("inf")
+        print(
+            f"training step ({args.compiler}, {per_step / MiB:.0f} MiB offloaded per step): "
+            f"none {none * 1e3:.0f} ms, all {offloaded * 1e3:.0f} ms, "
+            f"ratio {offloaded / none:.2f}, effective bandwidth {effective:.2f} GB/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
