@@ -314,6 +314,23 @@ def test_file_changed_between_forward_and_backward_is_an_error(tmp_path) -> None
         loss.backward()
 
 
+def test_file_deleted_between_forward_and_backward_is_harmless(tmp_path) -> None:
+    """The engine reads through its open descriptor: an unlinked file keeps its bytes."""
+
+    def step(m):
+        loss = m(batch())
+        for engine in [e for e in engines() if Path(e.root) == tmp_path]:  # none for "none"
+            while engine.inflight_bytes:
+                time.sleep(0.001)
+            os.unlink(engine.file.path)
+        loss.backward()
+        return [loss.detach()]
+
+    before = fxoffload.stats()
+    assert_equal(*both_policies(tmp_path, step))
+    assert fxoffload.stats().bytes_read > before.bytes_read
+
+
 def test_symlink_in_place_of_the_file_is_refused(tmp_path) -> None:
     from fxoffload.runtime.offload_file import OffloadFile
 
