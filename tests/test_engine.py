@@ -177,27 +177,18 @@ def test_inflight_cap_makes_store_wait(make_engine) -> None:
     assert torch.equal(engine.wait(handles[1]), second)
 
 
-def test_same_bytes_are_stored_once(make_engine) -> None:
+def test_same_tensor_stored_again_after_an_unversioned_write_keeps_both(make_engine) -> None:
+    """Inductor reuses a dead buffer in place without bumping its version counter:
+    a second store of the same tensor object may hold other bytes."""
     engine = make_engine()
     t = torch.randn(100, 100)
-    before = fxoffload.stats()
+    first = t.clone()
     a = engine.store(t)
-    b = engine.store(t.detach())  # an alias with the same layout and version
+    t.data.add_(1)  # like a compiled kernel: new bytes, same tensor, same _version
+    b = engine.store(t)
     written(engine)
-    assert delta(before, "tensors_deduplicated") == 1
-    assert delta(before, "bytes_written") == 40960
-    assert engine.live_entries() == 1 and engine.live_handles() == 2
-    t.add_(1)  # a new version: its bytes are new
-    c = engine.store(t)
-    written(engine)
-    assert delta(before, "tensors_deduplicated") == 1 and engine.live_entries() == 2
-    assert torch.equal(engine.wait(a), engine.wait(b)) and torch.equal(engine.wait(c), t)
-    del a
-    gc.collect()
-    assert engine.live_entries() == 2  # b still holds the shared slot
-    del b, c
-    gc.collect()
-    assert engine.live_entries() == 0 and engine.file.bytes_in_use == 0
+    assert torch.equal(engine.wait(a), first)
+    assert torch.equal(engine.wait(b), t)
 
 
 def test_slots_are_reused_across_steps(make_engine) -> None:

@@ -193,7 +193,7 @@ def check_first_forward_on_disk(offload_dir: Path, before: fxoffload.OffloadStat
     engine = engine_at(offload_dir)
     stored = fxoffload.stats().tensors_stored - before.tensors_stored
     assert stored > 0
-    assert engine.live_handles() == stored
+    assert engine.live_entries() == stored
     assert fxoffload.stats().handles_live - before.handles_live == stored
     assert poll(lambda: engine.inflight_bytes == 0)  # every write has landed
     written = fxoffload.stats().bytes_written - before.bytes_written

@@ -34,7 +34,6 @@ import shutil
 import threading
 import time
 import warnings
-import weakref
 import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -121,10 +120,7 @@ class _Entry:
     write_error: BaseException | None = None
     read: _Transfer | None = None
     read_buffer: torch.Tensor | None = None
-    refs: int = 1
     released: bool = False
-    source: weakref.ref[torch.Tensor] | None = None
-    dedup_key: tuple | None = None
     checksums: list[int] = dataclasses.field(default_factory=list)
     """CRC-32 of each written chunk, when verifying."""
 
@@ -154,7 +150,6 @@ class Engine:
         self._inflight_changed = threading.Condition(self._lock)
         self._inflight = 0
         self._entries: dict[int, _Entry] = {}
-        self._by_source: dict[tuple, _Entry] = {}
         self._warned = False
         self._closed = False
 
@@ -165,20 +160,16 @@ class Engine:
 
         ``dim_order`` (outermost dimension first, as ``Tensor.dim_order()``)
         fixes the layout that ``wait`` gives back; by default ``t``'s own.
-        Storing a tensor whose bytes are already stored (the same live tensor
-        or an alias with the same layout and version) returns another handle
-        to the same slot.
+
+        Every store is written, even of bytes stored before: the same live
+        tensor at the same version is no proof of the same bytes, since
+        inductor's kernels reuse a dead buffer in place without bumping its
+        version counter. Saved values that alias each other are for the
+        passes to find, in the graph.
         """
         if self._closed:
             raise RuntimeError(f"fxoffload engine for {self.root!r} is closed")
         order = tuple(dim_order) if dim_order is not None else tuple(t.dim_order())
-        key = (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version, order)
-        with self._lock:
-            twin = self._by_source.get(key)
-            if twin is not None and twin.source is not None and twin.source() is not None:
-                twin.refs += 1
-                stats.add("tensors_deduplicated")
-                return make_handle(twin.id, twin.shape, self._release)
 
         nbytes = t.numel() * t.element_size()
         self._reserve_inflight(nbytes)
@@ -197,12 +188,9 @@ class Engine:
             device=t.device,
             nbytes=nbytes,
             staging=buffer,
-            source=weakref.ref(t),
-            dedup_key=key,
         )
         with self._lock:
             self._entries[entry.id] = entry
-            self._by_source[key] = entry
         self._start_write(entry, buffer, copied)
         stats.add("tensors_stored")
         return make_handle(entry.id, entry.shape, self._release)
@@ -282,11 +270,6 @@ class Engine:
         with self._lock:
             return self._inflight
 
-    def live_handles(self) -> int:
-        """Handles alive (a deduplicated entry has several)."""
-        with self._lock:
-            return sum(e.refs for e in self._entries.values())
-
     def owns(self, entry_id: int) -> bool:
         with self._lock:
             return entry_id in self._entries
@@ -298,7 +281,6 @@ class Engine:
                 return
             self._closed = True
             self._entries.clear()
-            self._by_source.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.file.close()
         private_dir.remove_private_dir(self.directory)
@@ -379,8 +361,6 @@ class Engine:
         """Undo a store that raised: no entry, no reservation."""
         with self._lock:
             self._entries.pop(entry.id, None)
-            if self._by_source.get(entry.dedup_key) is entry:
-                del self._by_source[entry.dedup_key]
             self._inflight -= entry.nbytes
             self._inflight_changed.notify_all()
 
@@ -455,12 +435,7 @@ class Engine:
             entry = self._entries.get(entry_id)
             if entry is None:
                 return
-            entry.refs -= 1
-            if entry.refs:
-                return
             del self._entries[entry_id]
-            if self._by_source.get(entry.dedup_key) is entry:
-                del self._by_source[entry.dedup_key]
             entry.released = True
             write, read = entry.write, entry.read
             entry.read = entry.read_buffer = None

@@ -54,7 +54,7 @@ def snapshot() -> stats.OffloadStats:
     modes = sorted({"direct" if e.file.direct else "buffered" for e in live})
     return stats.OffloadStats(
         **stats.counters(),
-        handles_live=sum(e.live_handles() for e in live),
+        handles_live=sum(e.live_entries() for e in live),
         slot_bytes_in_use=sum(e.file.bytes_in_use for e in live),
         file_bytes=sum(e.file.size for e in live),
         io_mode="+".join(modes),

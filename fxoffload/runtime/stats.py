@@ -15,9 +15,7 @@ class OffloadStats:
     """
 
     tensors_stored: int = 0
-    """Tensors handed to ``store`` (deduplicated ones included)."""
-    tensors_deduplicated: int = 0
-    """Stores whose bytes were already stored: a second handle to the same slot, no write."""
+    """Tensors handed to ``store``."""
     bytes_written: int = 0
     """Bytes written to offload files (slots are padded to 4 KiB)."""
     bytes_read: int = 0
@@ -42,7 +40,6 @@ class OffloadStats:
 
 COUNTERS = (
     "tensors_stored",
-    "tensors_deduplicated",
     "bytes_written",
     "bytes_read",
     "tensors_forwarded",
