@@ -52,13 +52,6 @@ def batch(seed: int = 0) -> torch.Tensor:
     return torch.randn(256, 256, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def compiled(model: torch.nn.Module, offload_dir: Path, **options) -> torch.nn.Module:
     options = {"compiler": "aot_eager", "min_bytes": 0, "offload_dir": str(offload_dir), **options}
     return torch.compile(model, backend="ssdtrain", options=options)

@@ -19,19 +19,19 @@ itself wrong.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import functools
 import gc
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from training_runs import Run, assert_runs_close, assert_runs_equal, reproducible
 
 import fxoffload
 
@@ -154,41 +154,6 @@ PARAMS = [
 ]
 
 
-@dataclasses.dataclass
-class Run:
-    """What one training run produced, per step and at the end."""
-
-    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    grads: list[dict[str, torch.Tensor | None]] = dataclasses.field(default_factory=list)
-    final_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    stats: fxoffload.OffloadStats = dataclasses.field(default_factory=fxoffload.OffloadStats)
-    """Counters of the run (reset at its start)."""
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """No compiled code or guards carried over from, or into, another test."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def reproducible(compiler: str) -> Iterator[None]:
-    """Two inductor compiles of one model produce the same kernels only with
-    caches off and one thread (see ``test_training.reproducible``)."""
-    if compiler != "inductor":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train(model: nn.Module, batches: list[Batch], options: dict[str, Any] | None) -> Run:
     """Train a copy of ``model`` in training mode (dropout on): eagerly if
     ``options`` is None, else compiled with the ``ssdtrain`` backend.
@@ -221,29 +186,6 @@ def train(model: nn.Module, batches: list[Batch], options: dict[str, Any] | None
     run.final_state = {k: v.clone() for k, v in model.state_dict().items()}
     run.stats = fxoffload.stats()
     return run
-
-
-def assert_runs_equal(a: Run, b: Run) -> None:
-    """Bitwise, step by step, so a failure names the first step and tensor that diverged."""
-    steps = zip(a.losses, b.losses, a.grads, b.grads, strict=True)
-    for step, (la, lb, ga, gb) in enumerate(steps):
-        assert torch.equal(la, lb), f"step {step}: loss {la.item()} != {lb.item()}"
-        assert ga.keys() == gb.keys()
-        for name in ga:
-            x, y = ga[name], gb[name]
-            assert (x is None) == (y is None), f"step {step}: {name} has a grad in one run only"
-            assert x is None or torch.equal(x, y), f"step {step}: grad of {name} differs"
-    assert a.final_state.keys() == b.final_state.keys()
-    for name in a.final_state:
-        assert torch.equal(a.final_state[name], b.final_state[name]), f"final {name} differs"
-
-
-def assert_runs_close(a: Run, b: Run) -> None:
-    """aot_eager runs eager's kernels but may order float math differently: close, not equal."""
-    tol = {"rtol": 1e-3, "atol": 1e-4}
-    torch.testing.assert_close(a.losses, b.losses, **tol)
-    torch.testing.assert_close(a.grads, b.grads, **tol)
-    torch.testing.assert_close(a.final_state, b.final_state, **tol)
 
 
 def make(name: str) -> tuple[nn.Module, list[Batch]]:

@@ -12,19 +12,19 @@ alive and be gone once backward has freed it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import gc
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training_runs import Run, assert_runs_close, assert_runs_equal, reproducible
 
 import fxoffload
 from fxoffload.runtime import Engine, engines
@@ -133,47 +133,6 @@ CASES = {
 }
 
 
-@dataclasses.dataclass
-class Run:
-    """What one training run produced, per step and at the end."""
-
-    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
-    grads: list[dict[str, torch.Tensor]] = dataclasses.field(default_factory=list)
-    final_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    stats: fxoffload.OffloadStats = dataclasses.field(default_factory=fxoffload.OffloadStats)
-    """Counters of the run (reset at its start)."""
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo() -> Iterator[None]:
-    """No compiled code or guards carried over from, or into, another test."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
-@contextlib.contextmanager
-def reproducible(compiler: str) -> Iterator[None]:
-    """Make two inductor compiles of one model produce the same kernels.
-
-    Inductor is not run-to-run bitwise reproducible by itself: with caches on,
-    one run may reuse what an earlier compile or process left (kernels, or
-    profile-guided dynamic shapes) while the other compiles afresh, and the
-    kernels it generates (how reductions are split) depend on the thread count.
-    So caches off and one thread, for every run of an inductor test.
-    """
-    if compiler != "inductor":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch._inductor.config.patch(force_disable_caches=True):
-            yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def engine_at(offload_dir: Path) -> Engine:
     """The engine writing under ``offload_dir`` (created by the first compile)."""
     (engine,) = [e for e in engines() if Path(e.root).resolve() == offload_dir.resolve()]
@@ -253,27 +212,6 @@ def train(
     run.final_state = {k: v.clone() for k, v in model.state_dict().items()}
     run.stats = fxoffload.stats()
     return run
-
-
-def assert_runs_equal(a: Run, b: Run) -> None:
-    """Bitwise, step by step, so a failure names the first step that diverged."""
-    steps = zip(a.losses, b.losses, a.grads, b.grads, strict=True)
-    for step, (la, lb, ga, gb) in enumerate(steps):
-        assert torch.equal(la, lb), f"step {step}: loss {la.item()} != {lb.item()}"
-        assert ga.keys() == gb.keys()
-        for name in ga:
-            assert torch.equal(ga[name], gb[name]), f"step {step}: grad of {name} differs"
-    assert a.final_state.keys() == b.final_state.keys()
-    for name in a.final_state:
-        assert torch.equal(a.final_state[name], b.final_state[name]), f"final {name} differs"
-
-
-def assert_runs_close(a: Run, b: Run) -> None:
-    """Compiled kernels reorder float math: close, not equal."""
-    tol = {"rtol": 1e-3, "atol": 1e-4}
-    torch.testing.assert_close(a.losses, b.losses, **tol)
-    torch.testing.assert_close(a.grads, b.grads, **tol)
-    torch.testing.assert_close(a.final_state, b.final_state, **tol)
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])

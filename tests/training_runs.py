@@ -1,0 +1,67 @@
+"""Training runs compared step by step: shared by the end-to-end test files."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import torch
+
+import fxoffload
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training run produced, per step and at the end."""
+
+    losses: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    grads: list[dict[str, torch.Tensor | None]] = dataclasses.field(default_factory=list)
+    final_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    stats: fxoffload.OffloadStats = dataclasses.field(default_factory=fxoffload.OffloadStats)
+    """Counters of the run (reset at its start)."""
+
+
+@contextlib.contextmanager
+def reproducible(compiler: str) -> Iterator[None]:
+    """Make two inductor compiles of one model produce the same kernels.
+
+    Inductor is not run-to-run bitwise reproducible by itself: with caches on,
+    one run may reuse what an earlier compile or process left (kernels, or
+    profile-guided dynamic shapes) while the other compiles afresh, and the
+    kernels it generates (how reductions are split) depend on the thread count.
+    So caches off and one thread, for every run of an inductor test.
+    """
+    if compiler != "inductor":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch._inductor.config.patch(force_disable_caches=True):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_runs_equal(a: Run, b: Run) -> None:
+    """Bitwise, step by step, so a failure names the first step and tensor that diverged."""
+    steps = zip(a.losses, b.losses, a.grads, b.grads, strict=True)
+    for step, (la, lb, ga, gb) in enumerate(steps):
+        assert torch.equal(la, lb), f"step {step}: loss {la.item()} != {lb.item()}"
+        assert ga.keys() == gb.keys()
+        for name in ga:
+            x, y = ga[name], gb[name]
+            assert (x is None) == (y is None), f"step {step}: {name} has a grad in one run only"
+            assert x is None or torch.equal(x, y), f"step {step}: grad of {name} differs"
+    assert a.final_state.keys() == b.final_state.keys()
+    for name in a.final_state:
+        assert torch.equal(a.final_state[name], b.final_state[name]), f"final {name} differs"
+
+
+def assert_runs_close(a: Run, b: Run) -> None:
+    """Compiled kernels reorder float math: close, not equal."""
+    tol = {"rtol": 1e-3, "atol": 1e-4}
+    torch.testing.assert_close(a.losses, b.losses, **tol)
+    torch.testing.assert_close(a.grads, b.grads, **tol)
+    torch.testing.assert_close(a.final_state, b.final_state, **tol)
