@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gc
 import os
-import resource
-import signal
 import subprocess
 import threading
 import time
@@ -207,25 +205,27 @@ def test_slots_are_reused_across_steps(make_engine) -> None:
 
 
 @pytest.fixture
-def file_size_limit():
-    """A real write fault: the process may not grow files past ``limit`` bytes (EFBIG)."""
-    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+def tiny_tmpfs(tmp_path):
+    """A real full disk: a 64 KiB tmpfs, mounted for the test when it may be.
 
-    def limit(nbytes: int) -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old_limit[1]))
+    (A file-size rlimit would fault too, but it is process-wide: pytest's own
+    output to a file would fail with it.)"""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], check=True)
 
-    yield limit
-    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
-    signal.signal(signal.SIGXFSZ, old_handler)
 
-
-def test_failed_write_keeps_the_tensor_in_memory(make_engine, file_size_limit) -> None:
-    engine = make_engine()
-    small, big = torch.randn(10), torch.randn(64, 1024)
+def test_failed_write_keeps_the_tensor_in_memory(tiny_tmpfs, make_engine) -> None:
+    engine = make_engine(root=tiny_tmpfs)
+    small, big = torch.randn(10), torch.randn(64, 1024)  # 256 KiB: no room
     kept = engine.store(small)
     written(engine)
-    file_size_limit(engine.file.size)  # no growth possible
     before = fxoffload.stats()
     with pytest.warns(RuntimeWarning, match="keeping the tensor in memory instead"):
         handle = engine.store(big)
@@ -259,11 +259,10 @@ def test_overwritten_bytes_fail_their_checksum(make_engine) -> None:
         engine.wait(handle)
 
 
-def test_raise_mode_names_the_file_and_free_space(make_engine, file_size_limit) -> None:
-    engine = make_engine(on_io_error="raise")
+def test_raise_mode_names_the_file_and_free_space(tiny_tmpfs, make_engine) -> None:
+    engine = make_engine(root=tiny_tmpfs, on_io_error="raise")
     kept = engine.store(torch.randn(10))
     written(engine)
-    file_size_limit(engine.file.size)
     with pytest.raises(RuntimeError, match=r"no room for offloaded tensor .* bytes free in"):
         engine.store(torch.randn(64, 1024))
     assert engine.live_entries() == 1 and engine.inflight_bytes == 0
