@@ -66,9 +66,21 @@ class EngineConfig:
 
 
 class _Transfer:
-    """The chunk jobs of one write or read; ``on_done`` runs once, after the last."""
+    """The chunk jobs of one write or read; ``on_done`` runs once, after the last.
 
-    def __init__(self, n_chunks: int, on_done: Callable[[BaseException | None], None]) -> None:
+    It holds ``buffer``, the memory its chunks read from or write into: their
+    views are raw addresses that keep nothing alive, and every queued or
+    running chunk holds the transfer, so the buffer outlives the last chunk
+    even when its entry is released mid-transfer.
+    """
+
+    def __init__(
+        self,
+        n_chunks: int,
+        on_done: Callable[[BaseException | None], None],
+        buffer: torch.Tensor | None = None,
+    ) -> None:
+        self.buffer = buffer
         self._remaining = n_chunks
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -333,7 +345,7 @@ class Engine:
         data = as_memoryview(buffer)[: entry.slot.length]
         chunks = self._chunks(len(data))
         entry.checksums = [0] * len(chunks)
-        transfer = _Transfer(len(chunks), lambda err: self._finish_write(entry, err))
+        transfer = _Transfer(len(chunks), lambda err: self._finish_write(entry, err), buffer)
         entry.write = transfer
         base = entry.slot.offset
         for i, (start, length) in enumerate(chunks):
@@ -403,7 +415,7 @@ class Engine:
         buffer = aligned_buffer(entry.nbytes, pin_memory=entry.device.type == "cuda")
         data = as_memoryview(buffer)[: entry.slot.length]
         chunks = self._chunks(len(data))
-        transfer = _Transfer(len(chunks), lambda err: None)
+        transfer = _Transfer(len(chunks), lambda err: None, buffer)
         entry.read, entry.read_buffer = transfer, buffer
         base = entry.slot.offset
         for i, (start, length) in enumerate(chunks):
