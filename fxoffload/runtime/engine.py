@@ -131,7 +131,6 @@ class _Entry:
     """The write settled (all chunks done or cancelled); set under the engine lock."""
     write_error: BaseException | None = None
     read: _Transfer | None = None
-    read_buffer: torch.Tensor | None = None
     released: bool = False
     checksums: list[int] = dataclasses.field(default_factory=list)
     """CRC-32 of each written chunk, when verifying."""
@@ -254,8 +253,8 @@ class Engine:
             kept = entry.staging if entry.write_error is not None else None
             if kept is None and entry.read is None:
                 self._start_read(entry)
-            read, buffer = entry.read, entry.read_buffer
-            entry.read = entry.read_buffer = None
+            read = entry.read
+            entry.read = None
         if kept is not None and self.config.on_io_error == "raise":
             assert entry.write_error is not None
             raise self._io_error("could not write", entry, entry.write_error)
@@ -263,16 +262,16 @@ class Engine:
             # The write failed: the kept copy is the only one, hand out a copy of it.
             stats.add("tensors_forwarded")
             return _view_as(kept.clone(), *self._layout(entry))
-        assert read is not None and buffer is not None
+        assert read is not None and read.buffer is not None
         error = read.wait()
         if error is not None:
             raise self._io_error("cannot read back", entry, error) from error
-        return _view_as(buffer, *self._layout(entry))
+        return _view_as(read.buffer, *self._layout(entry))
 
     # -- bookkeeping -----------------------------------------------------------
 
     def live_entries(self) -> int:
-        """Entries with at least one live handle."""
+        """Entries whose handle is still alive."""
         with self._lock:
             return len(self._entries)
 
@@ -342,17 +341,25 @@ class Engine:
             entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
             entry.write.chunk_done(err)
             return
+        entry.checksums = [0] * len(self._chunks(entry.slot.length))
+        entry.write = self._submit_chunks(
+            entry, buffer, self._write_chunk, lambda err: self._finish_write(entry, err), copied
+        )
+
+    def _submit_chunks(
+        self, entry: _Entry, buffer: torch.Tensor, job, on_done, *extra
+    ) -> _Transfer:
+        """Queue ``job(transfer, entry, i, view, file_offset, *extra)`` per chunk of the slot."""
+        assert entry.slot is not None
         data = as_memoryview(buffer)[: entry.slot.length]
         chunks = self._chunks(len(data))
-        entry.checksums = [0] * len(chunks)
-        transfer = _Transfer(len(chunks), lambda err: self._finish_write(entry, err), buffer)
-        entry.write = transfer
-        base = entry.slot.offset
+        transfer = _Transfer(len(chunks), on_done, buffer)
         for i, (start, length) in enumerate(chunks):
             view = data[start : start + length]
             transfer.futures.append(
-                self._pool.submit(self._write_chunk, transfer, entry, i, view, base + start, copied)
+                self._pool.submit(job, transfer, entry, i, view, entry.slot.offset + start, *extra)
             )
+        return transfer
 
     def _write_chunk(
         self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int, copied
@@ -411,18 +418,8 @@ class Engine:
 
     def _start_read(self, entry: _Entry) -> None:
         """Queue the chunk reads of ``entry`` (called with the lock held)."""
-        assert entry.slot is not None
         buffer = aligned_buffer(entry.nbytes, pin_memory=entry.device.type == "cuda")
-        data = as_memoryview(buffer)[: entry.slot.length]
-        chunks = self._chunks(len(data))
-        transfer = _Transfer(len(chunks), lambda err: None, buffer)
-        entry.read, entry.read_buffer = transfer, buffer
-        base = entry.slot.offset
-        for i, (start, length) in enumerate(chunks):
-            view = data[start : start + length]
-            transfer.futures.append(
-                self._pool.submit(self._read_chunk, transfer, entry, i, view, base + start)
-            )
+        entry.read = self._submit_chunks(entry, buffer, self._read_chunk, lambda err: None)
 
     def _read_chunk(
         self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int
@@ -450,7 +447,7 @@ class Engine:
             del self._entries[entry_id]
             entry.released = True
             write, read = entry.write, entry.read
-            entry.read = entry.read_buffer = None
+            entry.read = None
             writing = not entry.written
             if not writing:
                 entry.staging = None
