@@ -116,8 +116,9 @@ def summarize(explanation: fxoffload.Explanation, written_per_step: float) -> st
     more than the offloaded activations: each file slot is padded to 4 KiB.
     """
     activations = [d for d in explanation.decisions if d.kind is SavedKind.ACTIVATION]
-    total = sum(d.nbytes for d in activations)
-    offloaded = sum(d.nbytes for d in activations if d.offload)
+    # A view rebuilt from a base shares its bytes: count the base once.
+    total = sum(d.nbytes for d in activations if d.rebuilt_from is None)
+    offloaded = sum(d.bytes_written for d in activations)
     others = sum(d.nbytes for d in explanation.decisions if d.kind is not SavedKind.ACTIVATION)
     share = f" ({100 * offloaded / total:.0f}%)" if total else ""
     return "\n".join(

@@ -17,7 +17,8 @@ from torch._dynamo.backends.debugging import boxed_nop
 
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner, PartitionResult
-from fxoffload.runtime import registry
+from fxoffload.passes.costs import DeviceCosts
+from fxoffload.runtime import Engine, probe, registry
 
 
 def ssdtrain(
@@ -51,9 +52,11 @@ def compile_with_offloading(
     options: Options,
     on_partition: Callable[[PartitionResult], None] | None = None,
 ) -> Callable[..., Any]:
+    costs = None
     if options.policy != "none":
-        registry.engine_for(options.offload_dir, options.engine_config())
-    partitioner = OffloadPartitioner(options, on_partition)
+        engine = registry.engine_for(options.offload_dir, options.engine_config())
+        costs = device_costs(options, engine, _device_of(example_inputs))
+    partitioner = OffloadPartitioner(options, costs, on_partition)
     if options.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -64,3 +67,26 @@ def compile_with_offloading(
         partition_fn=partitioner,
         keep_inference_input_mutations=True,
     )(gm, example_inputs)
+
+
+def device_costs(options: Options, engine: Engine, device: torch.device) -> DeviceCosts:
+    """The cost model's rates: those the options give, the others measured (and cached)."""
+    write, read = options.write_bytes_per_s, options.read_bytes_per_s
+    if write is None or read is None:
+        measured = probe.disk_rates(engine)
+        write, read = write or measured[0], read or measured[1]
+    flops, memory = options.flops_per_s, options.memory_bytes_per_s
+    if flops is None or memory is None:
+        measured = probe.compute_rates(options.offload_dir, device)
+        flops, memory = flops or measured[0], memory or measured[1]
+    return DeviceCosts(
+        flops_per_s=flops, memory_bytes_per_s=memory, write_bytes_per_s=write, read_bytes_per_s=read
+    )
+
+
+def _device_of(example_inputs: list[torch.Tensor]) -> torch.device:
+    """The device the graph computes on: that of its first tensor input, else the CPU."""
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")

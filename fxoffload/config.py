@@ -24,12 +24,27 @@ from torch.utils._config_module import install_config_module
 # None: $FXOFFLOAD_DIR if set, else the system temporary directory.
 offload_dir: str | None = None
 
-# "all": offload every eligible saved activation. "none": rewrite nothing, same
-# partitioner and compiler (the bitwise baseline).
-policy: str = "all"
+# "adaptive": offload the saved activations whose writes and reads the cost
+# model says are hidden behind compute. "all": every eligible one. "none":
+# rewrite nothing, same partitioner and compiler (the bitwise baseline).
+policy: str = "adaptive"
 
 # Saved tensors smaller than this stay in memory.
 min_bytes: int = 1 << 20
+
+# The cost model plans I/O as taking this many times its measured time.
+io_safety: float = 1.5
+
+# At most this many bytes are read ahead of their use in backward.
+prefetch_budget_bytes: int = 1 << 30
+
+# Device rates for the cost model; None: measured once per offload directory
+# (the disk) and per device and thread count (compute), cached in the
+# directory's fxoffload-costs.json.
+write_bytes_per_s: float | None = None
+read_bytes_per_s: float | None = None
+flops_per_s: float | None = None
+memory_bytes_per_s: float | None = None
 
 # Compiler for the rewritten graphs: "inductor", or "aot_eager" for tests.
 compiler: str = "inductor"

@@ -49,7 +49,7 @@ class Explanation:
             offloaded = [d for d in g.decisions if d.offload]
             parts.append(
                 f"graph {i}: {len(g.decisions)} saved values, {len(offloaded)} offloaded "
-                f"({sum(d.nbytes for d in offloaded)} bytes), "
+                f"({sum(d.bytes_written for d in g.decisions)} bytes written), "
                 f"{len(g.decisions) - len(offloaded)} kept"
             )
             parts.append(format_decisions(g.decisions))

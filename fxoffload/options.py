@@ -9,6 +9,7 @@ of being ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -17,14 +18,21 @@ from typing import Any, Literal
 from fxoffload import config
 from fxoffload.runtime.engine import EngineConfig
 
-Policy = Literal["all", "none"]
+Policy = Literal["adaptive", "all", "none"]
 Compiler = Literal["inductor", "aot_eager"]
 IOMode = Literal["auto", "direct", "buffered"]
 
-POLICIES: tuple[str, ...] = ("all", "none")
+POLICIES: tuple[str, ...] = ("adaptive", "all", "none")
 COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
 IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
 ON_IO_ERROR: tuple[str, ...] = ("keep", "raise")
+RATES: tuple[str, ...] = (
+    "write_bytes_per_s",
+    "read_bytes_per_s",
+    "flops_per_s",
+    "memory_bytes_per_s",
+)
+"""The cost model's device rates: None means measured."""
 
 
 def default_offload_dir() -> str:
@@ -51,6 +59,12 @@ class Options:
     offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
     policy: Policy = _default("policy")
     min_bytes: int = _default("min_bytes")
+    io_safety: float = _default("io_safety")
+    prefetch_budget_bytes: int = _default("prefetch_budget_bytes")
+    write_bytes_per_s: float | None = _default("write_bytes_per_s")
+    read_bytes_per_s: float | None = _default("read_bytes_per_s")
+    flops_per_s: float | None = _default("flops_per_s")
+    memory_bytes_per_s: float | None = _default("memory_bytes_per_s")
     compiler: Compiler = _default("compiler")
     io_threads: int = _default("io_threads")
     chunk_bytes: int = _default("chunk_bytes")
@@ -68,6 +82,11 @@ class Options:
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_int("min_bytes", self.min_bytes, minimum=0)
+        _check_float("io_safety", self.io_safety, minimum=1.0)
+        _check_int("prefetch_budget_bytes", self.prefetch_budget_bytes, minimum=0)
+        for key in RATES:
+            if getattr(self, key) is not None:
+                _check_float(key, getattr(self, key), minimum=0.0, inclusive=False)
         _check_int("io_threads", self.io_threads, minimum=1)
         _check_int("chunk_bytes", self.chunk_bytes, minimum=4096)
         if self.chunk_bytes % 4096:
@@ -115,6 +134,20 @@ def _check_choice(key: str, value: object, choices: tuple[str, ...]) -> None:
         raise ValueError(
             f"fxoffload option {key!r} must be one of {', '.join(map(repr, choices))}; "
             f"got {value!r}"
+        )
+
+
+def _check_float(key: str, value: object, *, minimum: float, inclusive: bool = True) -> None:
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and (value >= minimum if inclusive else value > minimum)
+        and math.isfinite(value)
+    )
+    if not ok:
+        bound = ">=" if inclusive else ">"
+        raise ValueError(
+            f"fxoffload option {key!r} must be a number {bound} {minimum}; got {value!r}"
         )
 
 

@@ -20,6 +20,7 @@ from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
 from fxoffload._logging import log_partition
 from fxoffload.options import Options
 from fxoffload.passes import SavedValue, offload_saved_activations
+from fxoffload.passes.costs import DeviceCosts
 
 _SOURCES = tuple(sorted(str(p) for p in pathlib.Path(__file__).parent.rglob("*.py")))
 
@@ -42,14 +43,19 @@ class OffloadPartitioner(CustomPartitionerFn):
 
     Args:
         options: the backend's options.
+        costs: the device rates the cost model plans with (None for ``policy="none"``).
         on_partition: called with each :class:`PartitionResult` (``explain`` uses
             it); not part of the cache key.
     """
 
     def __init__(
-        self, options: Options, on_partition: Callable[[PartitionResult], None] | None = None
+        self,
+        options: Options,
+        costs: DeviceCosts | None = None,
+        on_partition: Callable[[PartitionResult], None] | None = None,
     ) -> None:
         self.options = options
+        self.costs = costs
         self.on_partition = on_partition
 
     def __call__(
@@ -62,6 +68,7 @@ class OffloadPartitioner(CustomPartitionerFn):
             num_fwd_outputs=kwargs["num_fwd_outputs"],
             static_input_indices=kwargs.get("static_lifetime_input_indices"),
             options=self.options,
+            costs=self.costs,
         )
         result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip())
         log_partition(result.decisions, result.forward_code, result.backward_code)
@@ -70,5 +77,5 @@ class OffloadPartitioner(CustomPartitionerFn):
         return fw_gm, bw_gm
 
     def uuid(self) -> bytes:
-        """Our sources and options: a cached graph is reused only if both match."""
-        return get_hash_for_files(_SOURCES) + repr(self.options).encode()
+        """Our sources, options and costs: a cached graph is reused only if all match."""
+        return get_hash_for_files(_SOURCES) + repr((self.options, self.costs)).encode()

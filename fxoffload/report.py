@@ -15,7 +15,7 @@ def summarize(decisions: list[SavedValue]) -> str:
     why = ", ".join(f"{n} {kind}" for kind, n in reasons.items())
     return (
         f"offloading {len(offloaded)} of {len(decisions)} saved values "
-        f"({sum(d.nbytes for d in offloaded)} of {sum(d.nbytes for d in decisions)} bytes); "
+        f"({sum(d.bytes_written for d in decisions)} bytes written); "
         f"kept {len(kept)}" + (f" ({why})" if why else "")
     )
 

@@ -49,6 +49,8 @@ def test_explain_prints_decisions_and_graphs(tmp_path) -> None:
         "-o",
         "compiler=aot_eager",
         "-o",
+        "policy=all",
+        "-o",
         "min_bytes=0",
         "-o",
         f"offload_dir={tmp_path}",

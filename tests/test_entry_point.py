@@ -16,4 +16,5 @@ def test_backend_found_without_importing_fxoffload(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert "stored 1 written 32768" in done.stdout
     # The engine removed its private directory at exit.
-    assert list(tmp_path.iterdir()) == []
+    # Only the cost model's cached rates stay; the engine's directory is gone.
+    assert [p.name for p in tmp_path.iterdir()] == ["fxoffload-costs.json"]

@@ -53,7 +53,13 @@ def batch(seed: int = 0) -> torch.Tensor:
 
 
 def compiled(model: torch.nn.Module, offload_dir: Path, **options) -> torch.nn.Module:
-    options = {"compiler": "aot_eager", "min_bytes": 0, "offload_dir": str(offload_dir), **options}
+    options = {
+        "compiler": "aot_eager",
+        "policy": "all",
+        "min_bytes": 0,
+        "offload_dir": str(offload_dir),
+        **options,
+    }
     return torch.compile(model, backend="ssdtrain", options=options)
 
 
@@ -187,7 +193,9 @@ def test_graph_break_offloads_in_each_region(tmp_path, capsys) -> None:
     assert stored_since(before) > 0
     torch._dynamo.reset()
     report = fxoffload.explain(
-        PrintInTheMiddle(), batch(), options={"compiler": "aot_eager", "min_bytes": 0}
+        PrintInTheMiddle(),
+        batch(),
+        options={"compiler": "aot_eager", "policy": "all", "min_bytes": 0},
     )
     assert len(report.graphs) == 2
     assert all(any(d.offload for d in g.decisions) for g in report.graphs)
@@ -289,6 +297,19 @@ def test_disk_full_raises_when_asked(mount) -> None:
     assert_nothing_held(small)
 
 
+def test_unmeasurable_disk_makes_adaptive_offload_nothing(mount) -> None:
+    # 512 KiB leaves no room for the 64 MiB bandwidth probe.
+    small = mount("size=512k")
+    before = fxoffload.stats()
+    with pytest.warns(RuntimeWarning, match="could not measure the disk of .*too slow"):
+        m = compiled(Blocks(), small, policy="adaptive")
+        m(batch()).backward()
+    assert fxoffload.stats().tensors_stored == before.tensors_stored
+    # Not cached: the disk is measured again next time (compute rates are cached).
+    assert "disk:" not in (small / "fxoffload-costs.json").read_text()
+    assert_nothing_held(small)
+
+
 def test_read_only_offload_dir_fails_at_compile_time(mount) -> None:
     read_only = mount("ro,size=1m")
     with pytest.raises(Exception, match=f"offload_dir '{read_only}'"):
@@ -338,7 +359,7 @@ def test_symlink_in_place_of_the_file_is_refused(tmp_path) -> None:
 _TRAIN_SCRIPT = """
 import os, sys, torch
 model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
-options = {"compiler": "aot_eager", "min_bytes": 0, "offload_dir": sys.argv[1]}
+options = {"compiler": "aot_eager", "policy": "all", "min_bytes": 0, "offload_dir": sys.argv[1]}
 m = torch.compile(model, backend="ssdtrain", options=options)
 for _ in range(20):
     m(torch.randn(512, 256)).sum().backward()
@@ -362,7 +383,8 @@ def test_two_processes_share_an_offload_dir(tmp_path) -> None:
     assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
     dirs = [out.split()[0] for out, _ in outputs]
     assert dirs[0] != dirs[1] and all(int(out.split()[1]) > 0 for out, _ in outputs)
-    assert list(tmp_path.iterdir()) == []  # each removed its own at exit
+    # Each removed its own directory at exit; the cached rates are shared.
+    assert [p.name for p in tmp_path.iterdir()] == ["fxoffload-costs.json"]
 
 
 def test_stale_directories_of_dead_processes_are_removed(tmp_path) -> None:
@@ -432,7 +454,13 @@ def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler) -> None:
         return results
 
     def compile_dynamic(model, offload_dir, **options):
-        options = {"compiler": compiler, "min_bytes": 0, "offload_dir": str(offload_dir), **options}
+        options = {
+            "compiler": compiler,
+            "policy": "all",
+            "min_bytes": 0,
+            "offload_dir": str(offload_dir),
+            **options,
+        }
         return torch.compile(model, backend="ssdtrain", options=options, dynamic=True)
 
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ def run(tmp_path, **env: str) -> str:
 
 def test_torch_logs_fxoffload_prints_the_plan(tmp_path) -> None:
     err = run(tmp_path, TORCH_LOGS="fxoffload")
-    assert "offloading 1 of 3 saved values (32768 of " in err
+    assert "offloading 1 of 3 saved values (32768 bytes written)" in err
     assert "relu " in err and "activation: held only for backward" in err
     assert "parameter or buffer" in err
     assert "ssdtrain.store" not in err  # graphs only at debug level
@@ -48,10 +48,15 @@ def test_config_patch_sets_defaults(tmp_path) -> None:
     with fxoffload.config.patch(policy="none", compiler="aot_eager", offload_dir=str(tmp_path)):
         report = fxoffload.explain(model, torch.randn(32, 64), options={"min_bytes": 0})
     assert "ssdtrain" not in report.forward_code
-    assert fxoffload.config.policy == "all"
+    assert fxoffload.config.policy == "adaptive"
     report = fxoffload.explain(
         model,
         torch.randn(32, 64),
-        options={"min_bytes": 0, "compiler": "aot_eager", "offload_dir": str(tmp_path)},
+        options={
+            "policy": "all",
+            "min_bytes": 0,
+            "compiler": "aot_eager",
+            "offload_dir": str(tmp_path),
+        },
     )
     assert "ssdtrain.store" in report.forward_code

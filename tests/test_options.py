@@ -20,7 +20,11 @@ def compile_and_run(options: dict) -> None:
     ("options", "message"),
     [
         ({"polcy": "all"}, "unknown fxoffload option 'polcy'; valid options are: offload_dir"),
-        ({"policy": "some"}, "'policy' must be one of 'all', 'none'; got 'some'"),
+        ({"policy": "some"}, "'policy' must be one of 'adaptive', 'all', 'none'; got 'some'"),
+        ({"io_safety": 0.5}, "'io_safety' must be a number >= 1.0; got 0.5"),
+        ({"prefetch_budget_bytes": -1}, "'prefetch_budget_bytes' must be an integer >= 0; got -1"),
+        ({"read_bytes_per_s": 0}, "'read_bytes_per_s' must be a number > 0.0; got 0"),
+        ({"flops_per_s": float("nan")}, "'flops_per_s' must be a number > 0.0; got nan"),
         ({"compiler": "eager"}, "'compiler' must be one of 'inductor', 'aot_eager'"),
         ({"min_bytes": -1}, "'min_bytes' must be an integer >= 0; got -1"),
         ({"min_bytes": "1MB"}, "'min_bytes' must be an integer >= 0; got '1MB'"),
@@ -53,6 +57,10 @@ def test_defaults(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("FXOFFLOAD_DIR", str(tmp_path))
     options = Options.from_dict(None)
     assert options.offload_dir == str(tmp_path)
-    assert (options.policy, options.min_bytes, options.compiler) == ("all", 1 << 20, "inductor")
+    assert (options.policy, options.min_bytes, options.compiler) == (
+        "adaptive",
+        1 << 20,
+        "inductor",
+    )
     monkeypatch.delenv("FXOFFLOAD_DIR")
     assert Options().offload_dir == tempfile.gettempdir()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxoffload.options import Options
+from fxoffload.passes.costs import DeviceCosts
 from fxoffload.passes.plan import plan_offload
 from fxoffload.passes.rewrite import insert_store_ops, insert_wait_ops
 from fxoffload.passes.saved import (
@@ -20,6 +21,7 @@ from fxoffload.passes.saved import (
     tag_saved_values,
 )
 from fxoffload.passes.schedule import schedule_prefetches
+from fxoffload.passes.views import erase_unused_views, group_views
 
 __all__ = ["META_KEY", "SavedKind", "SavedValue", "offload_saved_activations"]
 
@@ -31,6 +33,7 @@ def offload_saved_activations(
     num_fwd_outputs: int,
     static_input_indices: list[int] | None,
     options: Options,
+    costs: DeviceCosts | None,
 ) -> list[SavedValue]:
     """Rewrite ``fw_gm`` and ``bw_gm`` in place; return every saved value's decision."""
     # Step 1: find the saved values and classify each.
@@ -38,16 +41,19 @@ def offload_saved_activations(
         fw_gm, bw_gm, num_fwd_outputs=num_fwd_outputs, static_input_indices=static_input_indices
     )
     # Step 2: choose what to offload.
-    planned = plan_offload(saved, policy=options.policy, min_bytes=options.min_bytes)
+    planned = plan_offload(saved, fw_gm.graph, bw_gm.graph, options=options, costs=costs)
+    # Step 3: store a base once for several saved views of it.
+    planned, stores = group_views(fw_gm, planned)
     tag_saved_values(fw_gm, bw_gm, planned)
-    offloaded = [v for v in planned if v.offload]
-    if not offloaded:
+    if not stores:
         return planned
-    # Step 3: store in forward, wait in backward.
+    # Step 4: store in forward, wait in backward.
+    records = {v.name: v for v in planned}
     insert_store_ops(
-        fw_gm, offloaded, num_fwd_outputs=num_fwd_outputs, offload_dir=options.offload_dir
+        fw_gm, stores, records, num_fwd_outputs=num_fwd_outputs, offload_dir=options.offload_dir
     )
-    insert_wait_ops(bw_gm, offloaded)
-    # Step 4: issue each read early enough to overlap backward compute.
-    schedule_prefetches(bw_gm)
+    insert_wait_ops(bw_gm, stores, records)
+    erase_unused_views(fw_gm, stores)
+    # Step 5: issue each read early enough to end before its wait, by the cost model.
+    schedule_prefetches(bw_gm, costs, options=options)
     return planned

@@ -1,11 +1,14 @@
 """Insert the store ops into forward and the wait ops into backward.
 
-Forward: right after each offloaded value ``x`` is produced,
-``x_handle = ssdtrain.store(x, ...)`` and ``x_handle`` takes ``x``'s saved
-output slot (user outputs keep ``x``). Backward: the placeholder ``x``
-becomes ``x_handle`` in the same position, and just before ``x``'s first use,
-``ssdtrain.prefetch`` then ``ssdtrain.wait`` give ``x`` back. The prefetch
-lands next to its wait here; ``schedule.py`` moves it earlier.
+Forward: right after each stored value ``x`` is produced,
+``x_handle = ssdtrain.store(x, ...)``, and ``x_handle`` takes the saved
+output slot of every member of the store (``x`` itself, or the views of
+``x`` that ``views.py`` grouped; user outputs keep ``x``). Backward: each
+member's placeholder ``m`` becomes ``m_handle`` in the same position, and
+just before the first use of any member, ``ssdtrain.prefetch`` then
+``ssdtrain.wait`` give ``x`` back as ``x_restored``, from which the views
+are replayed. The prefetch lands next to its wait here; ``schedule.py``
+moves it earlier.
 """
 
 from __future__ import annotations
@@ -13,18 +16,23 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxoffload import ops
-from fxoffload.passes.saved import META_KEY, SavedValue, dense_dim_order, saved_value_nodes
+from fxoffload.passes.saved import META_KEY, SavedValue, dense_dim_order
+from fxoffload.passes.views import Stored
 
 
 def insert_store_ops(
-    fw_gm: fx.GraphModule, offloaded: list[SavedValue], *, num_fwd_outputs: int, offload_dir: str
+    fw_gm: fx.GraphModule,
+    stores: list[Stored],
+    records: dict[str, SavedValue],
+    *,
+    num_fwd_outputs: int,
+    offload_dir: str,
 ) -> None:
     graph = fw_gm.graph
-    names = {v.name for v in offloaded}
+    nodes = {n.name: n for n in graph.nodes}
     handles: dict[fx.Node, fx.Node] = {}
-    for node in saved_value_nodes(fw_gm, num_fwd_outputs):
-        if node.name not in names:
-            continue
+    for store in stores:
+        node = nodes[store.value]
         val = node.meta["val"]
         order = dense_dim_order(val)
         with graph.inserting_after(node):
@@ -36,8 +44,8 @@ def insert_store_ops(
             )
         with val.fake_mode:
             handle.meta["val"] = ops.store(val, offload_dir, order)
-        handle.meta[META_KEY] = node.meta[META_KEY]
-        handles[node] = handle
+        handle.meta[META_KEY] = records[store.value]
+        handles.update((nodes[m], handle) for m in store.members)
 
     (output,) = graph.find_nodes(op="output")
     results = list(output.args[0])
@@ -48,37 +56,64 @@ def insert_store_ops(
     fw_gm.recompile()
 
 
-def insert_wait_ops(bw_gm: fx.GraphModule, offloaded: list[SavedValue]) -> None:
+def insert_wait_ops(
+    bw_gm: fx.GraphModule, stores: list[Stored], records: dict[str, SavedValue]
+) -> None:
     graph = bw_gm.graph
-    names = {v.name for v in offloaded}
+    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
     position = {n: i for i, n in enumerate(graph.nodes)}
-    for placeholder in list(graph.find_nodes(op="placeholder")):
-        if placeholder.name not in names:
-            continue
-        val = placeholder.meta["val"]
-        order = dense_dim_order(val)
-        with graph.inserting_before(placeholder):
-            handle = graph.placeholder(f"{placeholder.name}_handle")
-        with val.fake_mode:
-            handle.meta["val"] = ops.store(val, "", order)
-            token_val = ops.prefetch(handle.meta["val"])
-            wait_val = ops.wait(handle.meta["val"], token_val, val.dtype, val.device, order)
-        handle.meta[META_KEY] = placeholder.meta[META_KEY]
-
-        first_use = min(placeholder.users, key=position.__getitem__)
+    for store in stores:
+        members = [placeholders[m] for m in store.members]
+        handles = {}
+        for member in members:
+            with graph.inserting_before(member):
+                handles[member] = graph.placeholder(f"{member.name}_handle")
+            handles[member].meta[META_KEY] = records[member.name]
+        first = handles[members[0]]
+        first.meta[META_KEY] = records[store.value]
+        first_use = min((u for m in members for u in m.users), key=position.__getitem__)
         with graph.inserting_before(first_use):
-            token = graph.create_node(
-                "call_function", ops.prefetch, (handle,), name=f"{placeholder.name}_token"
-            )
-            token.meta["val"] = token_val
-            restored = graph.create_node(
-                "call_function",
-                ops.wait,
-                (handle, token, val.dtype, val.device, order),
-                name=f"{placeholder.name}_restored",
-            )
-            restored.meta["val"] = wait_val
-        placeholder.replace_all_uses_with(restored)
-        graph.erase_node(placeholder)
+            restored = _prefetch_and_wait(graph, first, store)
+            rebuilt = _replay_views(graph, restored, store)
+        for member in members:
+            val = member.meta["val"]
+            with val.fake_mode:
+                handles[member].meta["val"] = ops.store(val, "", dense_dim_order(val))
+            member.replace_all_uses_with(rebuilt[member.name])
+            graph.erase_node(member)
     graph.lint()
     bw_gm.recompile()
+
+
+def _prefetch_and_wait(graph: fx.Graph, handle: fx.Node, store: Stored) -> fx.Node:
+    """``x_token = prefetch(handle)``; ``x_restored = wait(...)``, at the insertion point."""
+    val = store.val
+    order = dense_dim_order(val)
+    with val.fake_mode:
+        handle_val = ops.store(val, "", order)
+        token_val = ops.prefetch(handle_val)
+        wait_val = ops.wait(handle_val, token_val, val.dtype, val.device, order)
+    token = graph.create_node("call_function", ops.prefetch, (handle,), name=f"{store.value}_token")
+    token.meta["val"] = token_val
+    restored = graph.create_node(
+        "call_function",
+        ops.wait,
+        (handle, token, val.dtype, val.device, order),
+        name=f"{store.value}_restored",
+    )
+    restored.meta["val"] = wait_val
+    return restored
+
+
+def _replay_views(graph: fx.Graph, restored: fx.Node, store: Stored) -> dict[str, fx.Node]:
+    """Each member rebuilt from ``restored`` by its forward view ops, shared prefixes once."""
+    copies: dict[fx.Node, fx.Node] = {}
+    rebuilt = {}
+    for member, chain in store.chains.items():
+        node = restored
+        for view in chain:
+            if view not in copies:
+                copies[view] = graph.node_copy(view, lambda _, source=node: source)
+            node = copies[view]
+        rebuilt[member] = node
+    return rebuilt

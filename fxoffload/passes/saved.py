@@ -49,7 +49,8 @@ class SavedValue:
 
     ``nbytes`` is a concrete hint (under dynamic shapes, for the example
     sizes). ``offload`` and ``reason`` start as the classification's and are
-    final after planning.
+    final after planning. ``rebuilt_from`` names the base an offloaded view
+    is rebuilt from in backward (its bytes are written as the base's).
     """
 
     name: str
@@ -59,6 +60,12 @@ class SavedValue:
     nbytes: int
     offload: bool
     reason: str
+    rebuilt_from: str | None = None
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes this value's own store writes: 0 if kept or rebuilt from a base."""
+        return self.nbytes if self.offload and self.rebuilt_from is None else 0
 
 
 def saved_value_nodes(fw_gm: fx.GraphModule, num_fwd_outputs: int) -> list[fx.Node]:

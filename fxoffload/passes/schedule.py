@@ -1,10 +1,14 @@
-"""Move each backward prefetch earlier, so its read overlaps compute.
+"""Place each backward prefetch so that its read ends, by the cost model, before its wait.
 
-Reads are issued in the order backward needs them, one ahead: the first
-prefetch goes to the start of backward, and each later one right after the
-previous value's wait. At most two offloaded tensors are then being read or
-waiting in memory at a time, and each read overlaps the compute between two
-waits.
+Reads go one at a time, in the order backward needs them. Working back from
+the last wait, each read gets the latest start that still ends before its
+own wait and before the next read must start (its read time times
+``io_safety``, the modelled margin). Its prefetch then goes after the last
+node that starts no later than that, but never before the previous
+prefetch, nor while the values read ahead and not yet used would exceed
+``prefetch_budget_bytes`` (then it goes right after the wait that frees
+enough). Reading as late as is safe keeps the bytes read ahead, and so the
+memory they hold, small.
 """
 
 from __future__ import annotations
@@ -12,16 +16,58 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxoffload import ops
+from fxoffload.options import Options
+from fxoffload.passes.costs import DeviceCosts, start_times
+from fxoffload.passes.saved import META_KEY
 
 
-def schedule_prefetches(bw_gm: fx.GraphModule) -> None:
+def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: Options) -> None:
     graph = bw_gm.graph
     waits = [n for n in graph.nodes if n.target is ops.wait]
-    anchor = graph.find_nodes(op="placeholder")[-1] if waits else None
+    if not waits:
+        return
+    latest = latest_read_starts(graph, waits, costs, io_safety=options.io_safety)
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    starts = start_times(graph, costs)
+    first = index[graph.find_nodes(op="placeholder")[-1]]
+    anchor = first  # prefetch goes after nodes[anchor]
+    pending: list[fx.Node] = []  # waits whose prefetch is placed at or before anchor
+    previous: fx.Node | None = None
     for wait in waits:
         prefetch = wait.args[1]
         assert isinstance(prefetch, fx.Node) and prefetch.target is ops.prefetch
-        anchor.append(prefetch)
-        anchor = wait
+        place = max(
+            [anchor]
+            + [
+                i
+                for i in range(first, index[wait])
+                if nodes[i].target is not ops.prefetch and starts[nodes[i + 1]] <= latest[wait]
+            ]
+        )
+        nbytes = _nbytes(wait)
+        pending = [w for w in pending if index[w] > place]
+        while pending and sum(map(_nbytes, pending)) + nbytes > options.prefetch_budget_bytes:
+            place = index[pending.pop(0)]
+        (previous if place == anchor and previous is not None else nodes[place]).append(prefetch)
+        anchor, previous = place, prefetch
+        pending.append(wait)
     graph.lint()
     bw_gm.recompile()
+
+
+def latest_read_starts(
+    graph: fx.Graph, waits: list[fx.Node], costs: DeviceCosts, *, io_safety: float
+) -> dict[fx.Node, float]:
+    """Each wait's latest modelled read start (negative: the read cannot be hidden)."""
+    starts = start_times(graph, costs)
+    latest: dict[fx.Node, float] = {}
+    must_end = float("inf")
+    for wait in reversed(waits):
+        must_end = min(starts[wait], must_end)
+        must_end = latest[wait] = must_end - io_safety * costs.read_time(_nbytes(wait))
+    return latest
+
+
+def _nbytes(wait: fx.Node) -> int:
+    return wait.args[0].meta[META_KEY].nbytes

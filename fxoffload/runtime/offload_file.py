@@ -61,10 +61,13 @@ class OffloadFile:
         directory: the engine's private directory.
         direct: force direct I/O on (``True``) or off (``False``); ``None``
             probes the file system.
+        name: the file's name in ``directory``.
     """
 
-    def __init__(self, directory: str, direct: bool | None = None) -> None:
-        self.path = os.path.join(directory, "offload.bin")
+    def __init__(
+        self, directory: str, direct: bool | None = None, name: str = "offload.bin"
+    ) -> None:
+        self.path = os.path.join(directory, name)
         self._fd = os.open(self.path, _OPEN | os.O_CREAT | os.O_EXCL, 0o600)
         self.direct = False
         if direct is not False and _O_DIRECT:
@@ -139,6 +142,10 @@ class OffloadFile:
             if got == 0:
                 raise OSError(errno.EIO, f"offload file ended at byte {offset + done}", self.path)
             done += got
+
+    def sync(self) -> None:
+        """Flush written bytes to the device (buffered I/O leaves them in the page cache)."""
+        os.fsync(self._fd)
 
     def close(self) -> None:
         os.close(self._fd)

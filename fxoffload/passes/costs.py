@@ -1,0 +1,94 @@
+"""A cost model of the graphs: how long each node computes and each transfer takes.
+
+Coarse on purpose. A node's time is its FLOPs at the device's measured FLOP
+rate plus the bytes it reads and writes at the device's memory bandwidth
+(the roofline's two sides added, since which one binds is unknown without
+running it). FLOPs come from ``torch.utils.flop_counter``'s formulas
+(matmuls, convolutions, attention); other ops count as memory-bound. Sizes
+are shape hints, so dynamic shapes plan for the example sizes and add no
+guard. The planner only compares these times with transfer times, so a
+uniform error in either shifts decisions, it does not break them; the
+``io_safety`` factor covers the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import flop_registry
+
+from fxoffload import ops
+from fxoffload._compat import size_hint
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceCosts:
+    """The rates the model runs on: measured by the runtime or given as options."""
+
+    flops_per_s: float
+    memory_bytes_per_s: float
+    write_bytes_per_s: float
+    read_bytes_per_s: float
+
+    def write_time(self, nbytes: int) -> float:
+        return nbytes / self.write_bytes_per_s
+
+    def read_time(self, nbytes: int) -> float:
+        return nbytes / self.read_bytes_per_s
+
+
+_FREE_OPS = (ops.store, ops.prefetch, ops.wait, operator.getitem)
+
+
+def node_time(node: fx.Node, costs: DeviceCosts) -> float:
+    """Modelled seconds to run ``node``; placeholders, outputs and views cost nothing."""
+    if node.op != "call_function" or node.target in _FREE_OPS:
+        return 0.0
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload) and target.is_view:
+        return 0.0
+    moved = sum(_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
+    return _flops(node) / costs.flops_per_s + moved / costs.memory_bytes_per_s
+
+
+def start_times(graph: fx.Graph, costs: DeviceCosts) -> dict[fx.Node, float]:
+    """Modelled time at which each node starts, running the graph in its order from 0."""
+    starts = {}
+    clock = 0.0
+    for node in graph.nodes:
+        starts[node] = clock
+        clock += node_time(node, costs)
+    return starts
+
+
+def total_time(graph: fx.Graph, costs: DeviceCosts) -> float:
+    return sum(node_time(n, costs) for n in graph.nodes)
+
+
+def _flops(node: fx.Node) -> int:
+    formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
+    if formula is None:
+        return 0
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
+    return size_hint(formula(*args, **kwargs, out_val=node.meta.get("val")))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return size_hint(t.numel()) * t.element_size()
+
+
+def _tensors(tree: object) -> list[torch.Tensor]:
+    """The tensors in ``tree``, each fx.Node standing for its ``meta["val"]``."""
+    found: list[torch.Tensor] = []
+
+    def visit(leaf: object) -> None:
+        val = leaf.meta.get("val") if isinstance(leaf, fx.Node) else leaf
+        for v in val if isinstance(val, (tuple, list)) else (val,):
+            if isinstance(v, torch.Tensor):
+                found.append(v)
+
+    fx.node.map_aggregate(tree, visit)
+    return found

@@ -1,0 +1,158 @@
+"""Measure the rates the planner's cost model needs, once, and remember them.
+
+The disk is measured through the engine's own offload file (its I/O mode)
+and thread count: sequential chunks written and read back by
+``io_threads`` threads. Compute is measured on the device the graph runs on:
+a matmul for the FLOP rate and a copy for memory bandwidth, at the current
+thread count. Both are cached in ``<offload_dir>/fxoffload-costs.json``, so
+later processes plan with the same numbers, which also keeps compiled-graph
+cache keys stable across runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from fxoffload.runtime.engine import Engine
+from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
+
+log = logging.getLogger(__name__)
+
+CACHE_NAME = "fxoffload-costs.json"
+DISK_PROBE_BYTES = 64 << 20
+
+
+UNMEASURED_BYTES_PER_S = 1.0
+"""The rate assumed for a disk that could not be measured: too slow to hide anything."""
+
+
+def disk_rates(engine: Engine) -> tuple[float, float]:
+    """(write, read) bytes per second of ``engine``'s offload file, cached per directory.
+
+    A disk that cannot be measured (no room for the probe, an I/O error) gets
+    ``UNMEASURED_BYTES_PER_S``, with a warning, and is not cached: the
+    planner then offloads nothing under ``"adaptive"``.
+    """
+    key = f"disk:{'direct' if engine.file.direct else 'buffered'}:{engine.config.io_threads}"
+    cached = _cached(engine.root, key)
+    if cached is None:
+        try:
+            cached = _measure_disk(engine)
+        except OSError as e:
+            warnings.warn(
+                f"fxoffload could not measure the disk of {engine.root!r} ({e}); "
+                "planning as if it were too slow to offload anything. Give "
+                "write_bytes_per_s and read_bytes_per_s to plan without measuring.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return UNMEASURED_BYTES_PER_S, UNMEASURED_BYTES_PER_S
+        _remember(engine.root, key, cached)
+    return cached[0], cached[1]
+
+
+def compute_rates(root: str, device: torch.device) -> tuple[float, float]:
+    """(FLOP/s, memory bytes/s) of ``device`` at this thread count, cached under ``root``."""
+    if device.type == "cuda":
+        key = f"compute:{torch.cuda.get_device_name(device)}"
+    else:
+        key = f"compute:{device.type}:{torch.get_num_threads()}"
+    cached = _cached(root, key)
+    if cached is None:
+        cached = _measure_compute(device)
+        _remember(root, key, cached)
+    return cached[0], cached[1]
+
+
+def _measure_disk(engine: Engine) -> tuple[float, float]:
+    """Write then read a probe file next to the engine's, in its I/O mode, chunks and threads."""
+    chunk = engine.config.chunk_bytes
+    nbytes = max(DISK_PROBE_BYTES // chunk, 1) * chunk
+    buf = aligned_buffer(nbytes)
+    buf.random_()  # real bytes, in pages that exist before the clock starts
+    view = as_memoryview(buf)
+    file = OffloadFile(engine.directory, direct=engine.file.direct, name="probe.bin")
+    offsets = range(0, nbytes, chunk)
+    try:
+        slot = file.allocate(nbytes)
+        with ThreadPoolExecutor(engine.config.io_threads) as pool:
+            begin = time.perf_counter()
+            list(pool.map(lambda o: file.write(view[o : o + chunk], slot.offset + o), offsets))
+            file.sync()
+            wrote = time.perf_counter() - begin
+            begin = time.perf_counter()
+            list(pool.map(lambda o: file.read(view[o : o + chunk], slot.offset + o), offsets))
+            read = time.perf_counter() - begin
+    finally:
+        file.close()
+    rates = (nbytes / wrote, nbytes / read)
+    log.info("disk of %s: write %.2f GB/s, read %.2f GB/s", engine.root, *(r / 1e9 for r in rates))
+    return rates
+
+
+def _measure_compute(device: torch.device) -> tuple[float, float]:
+    n = 2048 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device)
+    src = torch.empty(16 << 20, device=device)  # 64 MiB of float32
+    dst = torch.empty_like(src)
+    flops = 2 * n**3 / _best_time(lambda: torch.mm(a, a), device)
+    memory = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
+    log.info("%s: %.1f GFLOP/s, memory %.1f GB/s", device, flops / 1e9, memory / 1e9)
+    return flops, memory
+
+
+def _best_time(fn, device: torch.device, reps: int = 5) -> float:
+    """The fastest of ``reps`` timed calls, after one warm-up call."""
+    best = float("inf")
+    for i in range(reps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        begin = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:
+            best = min(best, time.perf_counter() - begin)
+    return best
+
+
+def _cached(root: str, key: str) -> tuple[float, float] | None:
+    try:
+        with open(os.path.join(root, CACHE_NAME)) as f:
+            value = json.load(f).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, (int, float)) and v > 0 for v in value)
+    ):
+        return float(value[0]), float(value[1])
+    return None
+
+
+def _remember(root: str, key: str, rates: tuple[float, float]) -> None:
+    """Add ``key`` to the cache file; atomic, so concurrent processes never see half a file."""
+    path = os.path.join(root, CACHE_NAME)
+    try:
+        with open(path) as f:
+            table = json.load(f)
+        if not isinstance(table, dict):
+            table = {}
+    except (OSError, ValueError):
+        table = {}
+    table[key] = list(rates)
+    with contextlib.suppress(OSError):
+        fd, tmp = tempfile.mkstemp(prefix=".fxoffload-costs-", dir=root)
+        with os.fdopen(fd, "w") as f:
+            json.dump(table, f, indent=1)
+        os.replace(tmp, path)

@@ -1,0 +1,285 @@
+"""The adaptive planner and the prefetch placement, on toy models with known costs.
+
+The device rates are given as options (``KNOWN_RATES``), so decisions depend
+on the graphs alone, not on this machine; one test checks the measured rates
+instead, on the real disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import expecttest
+import pytest
+import torch
+import torch.fx as fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._dynamo.backends.debugging import boxed_nop
+from training_runs import reproducible
+
+import fxoffload
+from fxoffload import ops
+from fxoffload.backend import device_costs
+from fxoffload.options import Options
+from fxoffload.partitioner import OffloadPartitioner
+from fxoffload.passes import META_KEY, SavedKind, SavedValue
+from fxoffload.passes.costs import DeviceCosts, start_times
+from fxoffload.runtime import engine_for, probe
+
+KNOWN_RATES = {
+    "flops_per_s": 1e9,
+    "memory_bytes_per_s": 1e9,
+    "write_bytes_per_s": 1e8,
+    "read_bytes_per_s": 1e8,
+}
+
+pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
+
+
+class LayerStack(torch.nn.Module):
+    """Linear + GELU layers: each saves its matmul output and its GELU output."""
+
+    def __init__(self, layers: int = 4, width: int = 256) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            *[
+                torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
+                for _ in range(layers)
+            ]
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).sum()
+
+
+def options(directory: str, **overrides: object) -> dict:
+    return {
+        "compiler": "aot_eager",
+        "policy": "adaptive",
+        "min_bytes": 0,
+        "offload_dir": directory,
+        **KNOWN_RATES,
+        **overrides,
+    }
+
+
+def activations(e: fxoffload.Explanation) -> list[SavedValue]:
+    """The candidates, in the order forward makes them (the saved-slot order)."""
+    return [d for d in e.decisions if d.kind is SavedKind.ACTIVATION]
+
+
+class TestAdaptiveDecisions(expecttest.TestCase):
+    def setUp(self) -> None:
+        torch.manual_seed(0)
+        self.dir = tempfile.TemporaryDirectory()
+
+    def tearDown(self) -> None:
+        self.dir.cleanup()
+
+    def explain(self, model: torch.nn.Module, x: torch.Tensor, **overrides: object):
+        return fxoffload.explain(model, x, options=options(self.dir.name, **overrides))
+
+    def table(self, e: fxoffload.Explanation) -> str:
+        return str(e).split("forward:")[0]
+
+    def test_golden_decisions(self) -> None:
+        # 64x256 float32 activations: 64 KiB, 0.98 ms to write at 1e8 B/s with the
+        # 1.5 safety factor; each layer's matmul is 8.4 MFLOP, 8.4 ms at 1e9.
+        e = self.explain(LayerStack(), torch.randn(64, 256))
+        self.assertExpectedInline(
+            self.table(e),
+            """\
+graph 0: 11 saved values, 6 offloaded (393216 bytes written), 5 kept
+name       shape       dtype    bytes   decision  reason
+primals_3  [64, 256]   float32  65536   keep      forward input: the caller holds it
+primals_4  [256, 256]  float32  262144  keep      parameter or buffer: lives for the whole run
+primals_6  [256, 256]  float32  262144  keep      parameter or buffer: lives for the whole run
+primals_8  [256, 256]  float32  262144  keep      parameter or buffer: lives for the whole run
+addmm      [64, 256]   float32  65536   offload   hidden: written 25.96 ms before forward ends, read 47.58 ms before first use
+gelu       [64, 256]   float32  65536   offload   hidden: written 24.97 ms before forward ends, read 39.72 ms before first use
+addmm_1    [64, 256]   float32  65536   offload   hidden: written 17.04 ms before forward ends, read 31.72 ms before first use
+gelu_1     [64, 256]   float32  65536   offload   hidden: written 16.06 ms before forward ends, read 23.86 ms before first use
+addmm_2    [64, 256]   float32  65536   offload   hidden: written 8.13 ms before forward ends, read 15.86 ms before first use
+gelu_2     [64, 256]   float32  65536   offload   hidden: written 7.14 ms before forward ends, read 8.00 ms before first use
+addmm_3    [64, 256]   float32  65536   keep      write would end 786.4 us after forward
+""",
+        )
+
+    def test_keeps_the_last_layers_when_the_disk_is_slow(self) -> None:
+        # A tenth of the bandwidth: only the first layers have time to be written.
+        slow = {"write_bytes_per_s": 1e7, "read_bytes_per_s": 1e7}
+        decisions = activations(self.explain(LayerStack(6), torch.randn(64, 256), **slow))
+        offloaded = [d.offload for d in decisions]
+        self.assertTrue(any(offloaded) and not all(offloaded), offloaded)
+        # What is offloaded is a prefix, in production order: the last layers stay.
+        first_kept = offloaded.index(False)
+        self.assertEqual(offloaded, [True] * first_kept + [False] * (len(offloaded) - first_kept))
+        for d in decisions[first_kept:]:
+            self.assertRegex(d.reason, "after forward|after first use")
+
+    def test_fast_disk_offloads_all_but_the_last(self) -> None:
+        fast = {"write_bytes_per_s": 1e12, "read_bytes_per_s": 1e12}
+        decisions = activations(self.explain(LayerStack(6), torch.randn(64, 256), **fast))
+        # The last layer's matmul output is made at the very end of forward (only
+        # the GELU, the sum and nothing else follow it): even a fast write cannot
+        # finish before forward does.
+        self.assertEqual([d.offload for d in decisions], [True] * (len(decisions) - 1) + [False])
+
+    def test_read_that_cannot_be_hidden_is_kept(self) -> None:
+        # Writes are free, reads slow: backward's first layers have no time to read.
+        rates = {"write_bytes_per_s": 1e12, "read_bytes_per_s": 2e7}
+        decisions = activations(self.explain(LayerStack(6), torch.randn(64, 256), **rates))
+        kept = [d for d in decisions if not d.offload]
+        self.assertTrue(any("after first use in backward" in d.reason for d in kept), kept)
+        self.assertTrue(any(d.offload for d in decisions))
+
+    def test_value_larger_than_prefetch_budget_is_kept(self) -> None:
+        decisions = activations(
+            self.explain(LayerStack(), torch.randn(64, 256), prefetch_budget_bytes=1000)
+        )
+        self.assertTrue(all(not d.offload for d in decisions))
+        self.assertIn("prefetch_budget_bytes=1000", decisions[0].reason)
+
+
+def backward_graph(
+    model: torch.nn.Module, x: torch.Tensor, opts: Options
+) -> tuple[fx.GraphModule, DeviceCosts]:
+    """Compile ``model`` with our partitioner and return the backward graph it made."""
+    engine = engine_for(opts.offload_dir, opts.engine_config())
+    costs = device_costs(opts, engine, x.device)
+    graphs: list[fx.GraphModule] = []
+
+    def capture(gm: fx.GraphModule, example_inputs):
+        graphs.append(gm)
+        return boxed_nop(gm, example_inputs)
+
+    backend = aot_autograd(
+        fw_compiler=boxed_nop, bw_compiler=capture, partition_fn=OffloadPartitioner(opts, costs)
+    )
+    torch.compile(model, backend=backend)(x).backward()
+    return graphs[-1], costs
+
+
+class TestPrefetchPlacement:
+    def reads(self, bw: fx.GraphModule) -> list[tuple[fx.Node, fx.Node]]:
+        """(prefetch, wait) pairs, in graph order."""
+        return [(w.args[1], w) for w in bw.graph.nodes if w.target is ops.wait]
+
+    def test_reads_are_issued_by_the_modelled_margin(self, tmp_path) -> None:
+        opts = Options(**options(str(tmp_path), policy="all"))
+        bw, costs = backward_graph(LayerStack(6), torch.randn(64, 256), opts)
+        starts = start_times(bw.graph, costs)
+        order = {n: i for i, n in enumerate(bw.graph.nodes)}
+        pairs = self.reads(bw)
+        assert len(pairs) >= 10
+        # In the order backward needs them.
+        assert [order[p] for p, _ in pairs] == sorted(order[p] for p, _ in pairs)
+        disk_free = 0.0
+        for prefetch, wait in pairs:
+            read = opts.io_safety * costs.read_time(wait.args[0].meta[META_KEY].nbytes)
+            margin = starts[wait] - starts[prefetch]
+            # Each read ends before its wait, by the model, one read at a time...
+            disk_free = max(disk_free, starts[prefetch]) + read
+            if starts[prefetch] > 0:
+                assert disk_free <= starts[wait] + 1e-12, prefetch.name
+            if starts[prefetch] > 0:  # at 0: cannot be hidden, issued first thing
+                assert margin >= read, prefetch.name
+        assert any(starts[p] > 0 for p, _ in pairs), "every read hoisted to the start"
+
+    def test_prefetch_budget_bounds_the_bytes_read_ahead(self, tmp_path) -> None:
+        budget = 3 * 64 * 256 * 4  # three activations
+        # A slow disk makes every read want to start at the beginning of backward.
+        opts = Options(
+            **options(
+                str(tmp_path), policy="all", prefetch_budget_bytes=budget, read_bytes_per_s=1e6
+            )
+        )
+        bw, _ = backward_graph(LayerStack(6), torch.randn(64, 256), opts)
+        ahead, peak = 0, 0
+        for node in bw.graph.nodes:
+            if node.target is ops.prefetch:
+                ahead += node.args[0].meta[META_KEY].nbytes
+                peak = max(peak, ahead)
+            elif node.target is ops.wait:
+                ahead -= node.args[0].meta[META_KEY].nbytes
+        assert peak == budget
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_adaptive_training_is_bitwise_equal_to_none(compiler: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    model = LayerStack(6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [torch.randn(64, 256) for _ in range(3)]
+    results = {}
+    with reproducible(compiler):
+        for policy in ("none", "adaptive"):
+            model.load_state_dict(state)
+            torch._dynamo.reset()
+            fxoffload.reset_stats()
+            slow = {"write_bytes_per_s": 1e7, "read_bytes_per_s": 1e7}
+            opts = options(str(tmp_path), policy=policy, compiler=compiler, **slow)
+            compiled = torch.compile(model, backend="ssdtrain", options=opts)
+            run = []
+            for x in batches:
+                model.zero_grad()
+                loss = compiled(x)
+                loss.backward()
+                run += [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+            results[policy] = (run, fxoffload.stats())
+    for a, b in zip(results["none"][0], results["adaptive"][0], strict=True):
+        assert torch.equal(a, b)
+    assert results["none"][1].tensors_stored == 0
+    assert 0 < results["adaptive"][1].tensors_stored < 3 * 12  # some, not all, offloaded
+
+
+def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
+    """Two batch sizes, one compile: the plan uses the first sizes' hints, math stays exact."""
+
+    class Counting:
+        def __init__(self, options: dict) -> None:
+            self.options = options
+            self.compiles = 0
+
+        def __call__(self, gm, example_inputs):
+            self.compiles += 1
+            return fxoffload.ssdtrain(gm, example_inputs, options=self.options)
+
+    torch.manual_seed(0)
+    model = LayerStack(4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    results = {}
+    for policy in ("none", "adaptive"):
+        model.load_state_dict(state)
+        torch._dynamo.reset()
+        backend = Counting(options(str(tmp_path), policy=policy))
+        compiled = torch.compile(model, backend=backend, dynamic=True)
+        run = []
+        for rows in (64, 96):
+            model.zero_grad()
+            loss = compiled(torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)))
+            loss.backward()
+            run += [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+        assert backend.compiles == 1
+        results[policy] = run
+    for a, b in zip(results["none"], results["adaptive"], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_measured_rates_are_cached_in_the_offload_dir(tmp_path) -> None:
+    engine = engine_for(str(tmp_path))
+    write, read = probe.disk_rates(engine)
+    flops, memory = probe.compute_rates(str(tmp_path), torch.device("cpu"))
+    assert min(write, read, flops, memory) > 0
+    path = tmp_path / probe.CACHE_NAME
+    table = json.loads(path.read_text())
+    assert len(table) == 2
+    mtime = os.stat(path).st_mtime_ns
+    # Measured once: a second ask (another process would too) reads the file.
+    assert probe.disk_rates(engine) == (write, read)
+    assert probe.compute_rates(str(tmp_path), torch.device("cpu")) == (flops, memory)
+    assert os.stat(path).st_mtime_ns == mtime
+    # Nothing else is left in the offload dir but the engine's private directory.
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["fxoffload", "fxoffload"]
