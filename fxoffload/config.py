@@ -64,6 +64,10 @@ io_mode: str = "auto"
 # CRC-32 every chunk on write and check it on read.
 verify: bool = True
 
+# Staging buffers whose write finished are kept for reuse up to this many
+# bytes: copying into memory used before is several times faster.
+staging_pool_bytes: int = 128 << 20
+
 # A failed write: "keep" the tensor in memory and go on, or "raise".
 on_io_error: str = "keep"
 

@@ -51,7 +51,7 @@ class Options:
 
     One field per option; ``fxoffload.config`` documents each and holds its
     default, read when the Options is made (so ``config.patch`` applies).
-    The I/O settings (``io_threads`` to ``on_io_error``) apply when the first
+    The I/O settings (``io_threads`` to ``staging_pool_bytes``) apply when the first
     compile creates the engine of an ``offload_dir``; later compiles with the
     same directory share it.
     """
@@ -72,6 +72,7 @@ class Options:
     io_mode: IOMode = _default("io_mode")
     verify: bool = _default("verify")
     on_io_error: Literal["keep", "raise"] = _default("on_io_error")
+    staging_pool_bytes: int = _default("staging_pool_bytes")
 
     def __post_init__(self) -> None:
         if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
@@ -96,6 +97,7 @@ class Options:
         _check_int("max_inflight_bytes", self.max_inflight_bytes, minimum=1)
         _check_choice("io_mode", self.io_mode, IO_MODES)
         _check_choice("on_io_error", self.on_io_error, ON_IO_ERROR)
+        _check_int("staging_pool_bytes", self.staging_pool_bytes, minimum=0)
         if not isinstance(self.verify, bool):
             raise ValueError(
                 f"fxoffload option 'verify' must be True or False; got {self.verify!r}"
@@ -109,6 +111,7 @@ class Options:
             io_mode=self.io_mode,
             verify=self.verify,
             on_io_error=self.on_io_error,
+            staging_pool_bytes=self.staging_pool_bytes,
         )
 
     @classmethod

@@ -141,6 +141,45 @@ def test_wait_before_the_write_finishes_forwards_from_memory(make_engine) -> Non
     assert torch.equal(engine.wait(handle), t)
 
 
+def test_staging_buffers_are_reused_within_the_cap(make_engine) -> None:
+    size = 64 * 1024  # bytes of one 128x128 float32
+    engine = make_engine(staging_pool_bytes=2 * size)
+    before = fxoffload.stats()
+    tensors = [torch.randn(128, 128) for _ in range(8)]
+    handles = []
+    for t in tensors:
+        handles.append(engine.store(t))
+        written(engine)  # its buffer goes back to the pool...
+    # ...so every store after the first copied into the first one's buffer.
+    assert delta(before, "staging_reused") == len(tensors) - 1
+    assert all(torch.equal(engine.wait(h), t) for h, t in zip(handles, tensors, strict=True))
+    # Four stores in flight at once: all four buffers come back, two fit the cap.
+    gate = block_io_thread(engine)
+    more = [engine.store(t) for t in tensors[:4]]
+    gate.set()
+    written(engine)
+    assert engine._staging.held_bytes == 2 * size
+    del more
+
+
+def test_forwarded_staging_buffer_is_never_reused(make_engine) -> None:
+    """A wait that takes the staging copy hands it to the caller: the pool must not get it."""
+    engine = make_engine()
+    a, b = torch.full((128, 128), 1.0), torch.full((128, 128), 2.0)
+    gate = block_io_thread(engine)
+    handle = engine.store(a)
+    result: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: result.append(engine.wait(handle)))
+    waiter.start()
+    time.sleep(0.05)
+    gate.set()
+    waiter.join(timeout=10)
+    written(engine)
+    engine.store(b)  # same size: would reuse a's buffer if the pool had it
+    written(engine)
+    assert torch.equal(result[0], a)
+
+
 def test_handle_freed_before_its_write_frees_the_slot(make_engine) -> None:
     engine = make_engine()
     gate = block_io_thread(engine)

@@ -45,6 +45,7 @@ from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
 from fxoffload.runtime.slots import Slot
+from fxoffload.runtime.staging import StagingPool
 
 _entry_ids = itertools.count(1)
 
@@ -63,6 +64,7 @@ class EngineConfig:
     io_mode: str = _default("io_mode")
     verify: bool = _default("verify")
     on_io_error: str = _default("on_io_error")
+    staging_pool_bytes: int = _default("staging_pool_bytes")
 
 
 class _Transfer:
@@ -157,6 +159,7 @@ class Engine:
                 f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
             ) from e
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
+        self._staging = StagingPool(self.config.staging_pool_bytes)
         self._lock = threading.Lock()
         self._inflight_changed = threading.Condition(self._lock)
         self._inflight = 0
@@ -184,7 +187,7 @@ class Engine:
 
         nbytes = t.numel() * t.element_size()
         self._reserve_inflight(nbytes)
-        buffer = aligned_buffer(nbytes, pin_memory=t.is_cuda)
+        buffer = self._staging.take(nbytes, pin_memory=t.is_cuda)
         staging = _view_as(buffer, t.shape, order, t.dtype)
         staging.copy_(t, non_blocking=t.is_cuda)
         copied = None
@@ -293,6 +296,7 @@ class Engine:
             self._closed = True
             self._entries.clear()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._staging.clear()
         self.file.close()
         private_dir.remove_private_dir(self.directory)
 
@@ -392,6 +396,7 @@ class Engine:
         )
 
     def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
+        staging = None
         with self._lock:
             self._inflight -= entry.nbytes
             self._inflight_changed.notify_all()
@@ -401,8 +406,12 @@ class Engine:
                 entry.write_error = error
                 warn = not self._warned
                 self._warned = True
-            elif not released:
-                entry.staging = None
+            else:
+                # Unless a forwarding wait took it (then it is the restored tensor's
+                # memory), nobody holds the copy now: it can stage another store.
+                staging, entry.staging = entry.staging, None
+        if staging is not None:
+            self._staging.give(staging, pin_memory=entry.device.type == "cuda")
         if error is not None:
             stats.add("io_errors")
             if warn:

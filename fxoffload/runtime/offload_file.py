@@ -27,7 +27,12 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _OPEN = os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
 
 
-def aligned_buffer(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
+_POPULATE = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def aligned_buffer(
+    nbytes: int, *, pin_memory: bool = False, populate: bool = False
+) -> torch.Tensor:
     """A 1-D uint8 CPU tensor of ``nbytes`` rounded up to ``ALIGNMENT``, on an aligned address.
 
     Unpinned buffers come from an anonymous ``mmap`` (page-aligned, storage
@@ -35,10 +40,16 @@ def aligned_buffer(nbytes: int, *, pin_memory: bool = False) -> torch.Tensor:
     compiled code must start at its storage's start, since inductor addresses
     buffers relative to it. Pinned buffers (for CUDA, never handed out: their
     device copy is) are cut from a larger allocation.
+
+    ``populate`` makes every page at once (Linux ``MAP_POPULATE``), for a
+    buffer the calling thread fills next: faulting pages in one by one on
+    first touch made that copy a third slower. A buffer the I/O threads read
+    into is better left to fault in there, in parallel.
     """
     padded = -(-max(nbytes, 1) // ALIGNMENT) * ALIGNMENT
     if not pin_memory:
-        return torch.frombuffer(mmap.mmap(-1, padded), dtype=torch.uint8)
+        memory = mmap.mmap(-1, padded, flags=_POPULATE) if populate else mmap.mmap(-1, padded)
+        return torch.frombuffer(memory, dtype=torch.uint8)
     raw = torch.empty(padded + ALIGNMENT, dtype=torch.uint8, pin_memory=True)
     start = -raw.data_ptr() % ALIGNMENT
     return raw[start : start + padded]

@@ -28,6 +28,8 @@ class OffloadStats:
     """Stores that waited because ``max_inflight_bytes`` were already waiting to be written."""
     store_wait_ns: int = 0
     """Total time those stores waited."""
+    staging_reused: int = 0
+    """Stores that copied into a kept staging buffer instead of fresh memory."""
     handles_live: int = 0
     """Stored tensors whose graph still holds a handle to them."""
     slot_bytes_in_use: int = 0
@@ -46,6 +48,7 @@ COUNTERS = (
     "io_errors",
     "store_waits",
     "store_wait_ns",
+    "staging_reused",
 )
 _lock = threading.Lock()
 _values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
