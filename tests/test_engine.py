@@ -162,6 +162,25 @@ def test_staging_buffers_are_reused_within_the_cap(make_engine) -> None:
     del more
 
 
+def resident_anonymous_bytes() -> int:
+    with open("/proc/self/status") as f:
+        (kib,) = [line.split()[1] for line in f if line.startswith("RssAnon:")]
+    return int(kib) * 1024
+
+
+def test_staging_copy_is_freed_once_written(make_engine) -> None:
+    """The memory saving itself: after its write, a stored tensor's bytes live only on disk."""
+    engine = make_engine(staging_pool_bytes=0)
+    size = 128 << 20
+    t = torch.ones(size // 4)
+    base = resident_anonymous_bytes() - size  # without t
+    handle = engine.store(t)
+    del t
+    written(engine)
+    assert resident_anonymous_bytes() - base < size // 4  # neither t nor its staging copy
+    assert torch.equal(engine.wait(handle), torch.ones(size // 4))
+
+
 def test_forwarded_staging_buffer_is_never_reused(make_engine) -> None:
     """A wait that takes the staging copy hands it to the caller: the pool must not get it."""
     engine = make_engine()

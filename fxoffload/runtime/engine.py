@@ -73,7 +73,11 @@ class _Transfer:
     It holds ``buffer``, the memory its chunks read from or write into: their
     views are raw addresses that keep nothing alive, and every queued or
     running chunk holds the transfer, so the buffer outlives the last chunk
-    even when its entry is released mid-transfer.
+    even when its entry is released mid-transfer. A write lets go of it after
+    the last chunk (``drop_buffer``): the entry keeps its transfer until the
+    handle dies, and holding the staging copy that long would undo the very
+    memory saving offloading is for. A read keeps it: it is what ``wait``
+    returns.
     """
 
     def __init__(
@@ -81,8 +85,11 @@ class _Transfer:
         n_chunks: int,
         on_done: Callable[[BaseException | None], None],
         buffer: torch.Tensor | None = None,
+        *,
+        drop_buffer: bool = False,
     ) -> None:
         self.buffer = buffer
+        self._drop_buffer = drop_buffer
         self._remaining = n_chunks
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -99,6 +106,8 @@ class _Transfer:
                 self._error = error.with_traceback(None)
             last = self._remaining == 0
         if last:
+            if self._drop_buffer:
+                self.buffer = None
             try:
                 self._on_done(self._error)
             finally:
@@ -347,17 +356,22 @@ class Engine:
             return
         entry.checksums = [0] * len(self._chunks(entry.slot.length))
         entry.write = self._submit_chunks(
-            entry, buffer, self._write_chunk, lambda err: self._finish_write(entry, err), copied
+            entry,
+            buffer,
+            self._write_chunk,
+            lambda err: self._finish_write(entry, err),
+            copied,
+            drop_buffer=True,
         )
 
     def _submit_chunks(
-        self, entry: _Entry, buffer: torch.Tensor, job, on_done, *extra
+        self, entry: _Entry, buffer: torch.Tensor, job, on_done, *extra, drop_buffer: bool = False
     ) -> _Transfer:
         """Queue ``job(transfer, entry, i, view, file_offset, *extra)`` per chunk of the slot."""
         assert entry.slot is not None
         data = as_memoryview(buffer)[: entry.slot.length]
         chunks = self._chunks(len(data))
-        transfer = _Transfer(len(chunks), on_done, buffer)
+        transfer = _Transfer(len(chunks), on_done, buffer, drop_buffer=drop_buffer)
         for i, (start, length) in enumerate(chunks):
             view = data[start : start + length]
             transfer.futures.append(
@@ -398,8 +412,6 @@ class Engine:
     def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
         staging = None
         with self._lock:
-            self._inflight -= entry.nbytes
-            self._inflight_changed.notify_all()
             entry.written = True
             released = entry.released
             if error is not None:
@@ -412,6 +424,10 @@ class Engine:
                 staging, entry.staging = entry.staging, None
         if staging is not None:
             self._staging.give(staging, pin_memory=entry.device.type == "cuda")
+            del staging  # freed now unless the pool kept it: before the bytes count as written
+        with self._lock:
+            self._inflight -= entry.nbytes
+            self._inflight_changed.notify_all()
         if error is not None:
             stats.add("io_errors")
             if warn:
