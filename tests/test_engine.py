@@ -162,6 +162,27 @@ def test_staging_buffers_are_reused_within_the_cap(make_engine) -> None:
     del more
 
 
+def test_read_buffer_returns_to_the_pool_only_when_the_restored_tensor_dies(make_engine) -> None:
+    size = 64 * 1024
+    engine = make_engine(staging_pool_bytes=size)  # room for one buffer
+    t, u = torch.randn(128, 128), torch.randn(128, 128)
+    handle = engine.store(t)
+    written(engine)  # t's staging buffer is pooled...
+    restored = engine.wait(handle)  # ...and the read takes it
+    assert engine._staging.held_bytes == 0
+    before = fxoffload.stats()
+    engine.store(u)
+    written(engine)
+    assert delta(before, "staging_reused") == 0  # restored still uses it
+    assert torch.equal(restored, t)
+    engine._staging.clear()
+    del restored
+    gc.collect()
+    assert engine._staging.held_bytes == size  # back once the tensor died
+    engine.store(u)
+    assert delta(before, "staging_reused") == 1
+
+
 def resident_anonymous_bytes() -> int:
     with open("/proc/self/status") as f:
         (kib,) = [line.split()[1] for line in f if line.startswith("RssAnon:")]

@@ -43,7 +43,7 @@ import torch
 from fxoffload import config
 from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.handles import handle_id, make_handle
-from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
+from fxoffload.runtime.offload_file import OffloadFile, as_memoryview
 from fxoffload.runtime.slots import Slot
 from fxoffload.runtime.staging import StagingPool
 
@@ -443,7 +443,10 @@ class Engine:
 
     def _start_read(self, entry: _Entry) -> None:
         """Queue the chunk reads of ``entry`` (called with the lock held)."""
-        buffer = aligned_buffer(entry.nbytes, pin_memory=entry.device.type == "cuda")
+        if entry.device.type == "cuda":
+            buffer = self._staging.take(entry.nbytes, pin_memory=True)
+        else:
+            buffer = self._staging.take_returning(entry.nbytes)
         entry.read = self._submit_chunks(entry, buffer, self._read_chunk, lambda err: None)
 
     def _read_chunk(
