@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 BENCHMARKS = {
     "io": "io_bandwidth.py",
+    "train": "train_step.py",
 }
 
 

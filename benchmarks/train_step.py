@@ -1,0 +1,396 @@
+"""Peak memory and step time of a GPT training step: offloading vs the alternatives.
+
+Each configuration trains the same GPT (fixed seed, one batch of random tokens,
+SGD) in its own subprocess (this script re-invoked with ``--child``):
+
+    none         ssdtrain backend, policy "none": the same compile, nothing offloaded
+    adaptive     ssdtrain backend, policy "adaptive"
+    all          ssdtrain backend, policy "all"
+    recompute    checkpoint(use_reentrant=False) around each block, stock inductor
+    budget-0.5   stock inductor, torch._functorch.config.activation_memory_budget = 0.5
+    budget-0     the same with budget 0.0
+    save_on_cpu  eager under torch.autograd.graph.save_on_cpu (moves nothing on CPU)
+
+A step is zero_grad, forward (with the cross-entropy, so the logits are in the
+compiled graph), backward and SGD; ``gc.collect()`` runs between steps. After
+``--warmup`` steps, min(``--steps``, 3) steps measure memory above what is in use
+after zero_grad: "peak MiB" (max over the steps) and "after-fwd MiB", held once
+the loss is computed: activations kept for backward, and staging copies of
+offloaded ones not yet written (median). Then ``--steps`` steps are timed
+("step ms": median); "offl. MiB/step" is ``fxoffload.stats().bytes_written`` per
+timed step.
+
+On CPU memory is the process RSS. The child starts with
+``MALLOC_MMAP_THRESHOLD_=65536``: glibc mmaps every allocation of 64 KiB and up
+and unmaps it when freed, so RSS follows the live bytes (with glibc's default,
+freed tensors stay resident and are reused: the peak would hide). Before each
+memory step ``malloc_trim(0)`` returns freed heap memory and writing 5 to
+``/proc/self/clear_refs`` resets the high-water mark VmHWM, read after the step;
+where that reset does not work, a thread samples VmRSS every 1 ms (the output
+says which). Before the timed steps ``mallopt`` puts the thresholds back near
+glibc's own (reuse freed blocks up to 32 MiB), since mapping fresh pages for
+every tensor is slow on a VM. On CUDA: ``max_memory_allocated`` after
+``reset_peak_memory_stats``, and ``memory_allocated``. Ratios are to the first
+configuration. Run from the repository root (2 CPU cores: about 2 minutes with
+a warm inductor cache, 3 cold)::
+
+    python benchmarks/train_step.py [--configs none,all] [--option min_bytes=0] \\
+        [--offload-dir /nvme/x] [--json out.json] [--plot out.png]
+
+``--plot`` (``pip install '.[plot]'``) draws the memory of none, adaptive and
+all over one more step, sampled every 1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+MiB = 1 << 20
+CONFIGS = ("none", "adaptive", "all", "recompute", "budget-0.5", "budget-0", "save_on_cpu")
+SSDTRAIN = ("none", "adaptive", "all")  # the config name is the policy
+BUDGETS = {"budget-0.5": 0.5, "budget-0": 0.0}
+MODEL = {"layers": 4, "width": 256, "heads": 4, "seq_len": 256, "batch": 8, "vocab": 4096}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+libc = ctypes.CDLL(None)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: argparse.Namespace) -> None:
+        super().__init__()
+        self.heads = cfg.heads
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.width), nn.LayerNorm(cfg.width)
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.fc = nn.Linear(cfg.width, 4 * cfg.width)
+        self.out = nn.Linear(4 * cfg.width, cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        qkv = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, c // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: argparse.Namespace, recompute: bool = False) -> None:
+        super().__init__()
+        self.recompute = recompute
+        self.tok_emb = nn.Embedding(cfg.vocab, cfg.width)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.width)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
+        self.ln_f = nn.LayerNorm(cfg.width)
+        self.head = nn.Linear(cfg.width, cfg.vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx) + self.pos_emb(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.recompute else block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class Sampler(threading.Thread):
+    """Calls ``read()`` about every millisecond until stopped: [(perf_counter, bytes)]."""
+
+    def __init__(self, read) -> None:
+        super().__init__(daemon=True)
+        self.read, self.samples, self.done = read, [], threading.Event()
+        self.start()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.samples.append((time.perf_counter(), self.read()))
+            time.sleep(0.001)
+
+    def stop(self) -> list[tuple[float, int]]:
+        self.done.set()
+        self.join()
+        return self.samples
+
+
+def vm_status(key: str) -> int:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        return int(next(ln for ln in f if ln.startswith(key + ":")).split()[1]) * 1024
+
+
+class Meter:
+    """Bytes in use now, and the peak since ``reset_peak``: RSS on CPU, allocated on CUDA."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda, self.sampler = device.type == "cuda", None
+        self.hwm = not self.cuda and self._clear_refs_works()
+        self.method = (
+            "cuda max_memory_allocated" if self.cuda
+            else "VmHWM after clear_refs" if self.hwm
+            else "VmRSS sampled every 1 ms (clear_refs does not reset VmHWM here)"
+        )  # fmt: skip
+
+    def _clear_refs_works(self) -> bool:
+        torch.ones(64 * MiB // 4)  # VmHWM now >= 64 MiB above VmRSS
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            return False
+        return vm_status("VmHWM") - vm_status("VmRSS") < 16 * MiB
+
+    def now(self) -> int:
+        if self.cuda:
+            return torch.cuda.memory_allocated()
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def reset_peak(self) -> None:
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        elif self.hwm:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        else:
+            self.sampler = Sampler(self.now)
+
+    def peak(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return vm_status("VmHWM") if self.hwm else max(b for _, b in self.sampler.stop())
+
+
+def parse_value(text: str):
+    """An ``--option`` value: true/false, an int, a float, else the string."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        with contextlib.suppress(ValueError):
+            return kind(text)
+    return text
+
+
+def run_child(args: argparse.Namespace, name: str) -> dict:
+    """Train and measure one configuration, in this (the child) process."""
+    import fxoffload
+
+    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = GPT(args, recompute=name == "recompute").to(device)
+    data = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
+    idx, targets = data[:, :-1], data[:, 1:]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    context = contextlib.nullcontext
+    if name in SSDTRAIN:
+        options = {"policy": name, "offload_dir": args.offload_dir}
+        options.update((k, parse_value(v)) for k, v in (o.split("=", 1) for o in args.option))
+        fxoffload.Options.from_dict(options)  # a bad option fails here, not inside dynamo
+        forward = torch.compile(model, backend="ssdtrain", options=options)
+    elif name == "save_on_cpu":
+        forward = model
+        context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")  # noqa: E731
+    else:
+        torch._functorch.config.activation_memory_budget = BUDGETS.get(name, 1.0)
+        forward = torch.compile(model)
+    meter = Meter(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    # RSS follows the live bytes while the child runs with MALLOC_MMAP_THRESHOLD_ (see spawn)
+    exact_rss = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "65536" and hasattr(libc, "mallopt")
+
+    def step(marks: dict | None = None) -> tuple[float, int, int]:
+        """One training step: its seconds, peak bytes, and bytes held after forward."""
+        gc.collect()
+        if exact_rss:
+            libc.malloc_trim(0)  # heap memory freed earlier goes back to the OS
+        sync()
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        meter.reset_peak()
+        before = meter.now()
+        with context():
+            loss = forward(idx, targets)
+        after_forward, forward_end = meter.now() - before, time.perf_counter()
+        loss.backward()
+        optimizer.step()
+        sync()
+        seconds = time.perf_counter() - start
+        if marks is not None:
+            marks.update(start=start, forward_end=forward_end, before=before)
+        return seconds, meter.peak() - before, after_forward
+
+    for _ in range(args.warmup):
+        step()
+    mem_times, peaks, held = zip(*(step() for _ in range(min(args.steps, 3))), strict=True)
+    result = {
+        "config": name,
+        "peak_mib": max(peaks) / MiB,
+        "after_forward_mib": statistics.median(held) / MiB,
+        "memory_step_ms": [t * 1e3 for t in mem_times],
+        "memory_method": meter.method + (", 64 KiB mmap threshold" if exact_rss else ""),
+    }
+    if args.plot and name in SSDTRAIN:
+        marks: dict = {}
+        sampler = Sampler(meter.now)
+        step(marks)
+        start, before = marks["start"], marks["before"]
+        samples = [(t, b) for t, b in sampler.stop() if t >= start]
+        result["timeline"] = [((t - start) * 1e3, (b - before) / MiB) for t, b in samples]
+        result["forward_end_ms"] = (marks["forward_end"] - start) * 1e3
+    if exact_rss:  # back to about glibc's default once warm: reuse freed memory up to 32 MiB
+        libc.mallopt(M_MMAP_THRESHOLD, 32 * MiB)
+        libc.mallopt(M_TRIM_THRESHOLD, 64 * MiB)
+        exact_rss = False
+        step()
+    written = fxoffload.stats().bytes_written
+    times = [step()[0] for _ in range(args.steps)]
+    offloaded = (fxoffload.stats().bytes_written - written) / args.steps
+    result.update(step_ms=statistics.median(times) * 1e3, offloaded_mib_per_step=offloaded / MiB)
+    result["step_ms_all"] = [t * 1e3 for t in times]
+    return result
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    with open("/proc/cpuinfo") as f:
+        model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), "?")
+    return f"{model} ({len(os.sched_getaffinity(0))} cores)"
+
+
+def spawn(name: str, device: str, result_path: str) -> dict:
+    """Run this script for one configuration: its result, or {"error": ...}."""
+    command = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--child", name]
+    env = {**os.environ, "FXOFFLOAD_BENCH_RESULT": result_path}
+    if device == "cpu":  # every allocation of 64 KiB and up is mmapped, and unmapped when freed
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    start = time.perf_counter()
+    proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        with open(result_path) as f:
+            result = json.load(f)
+    except (OSError, ValueError):  # it died before writing one
+        lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
+        result = {"config": name, "error": lines[-1] if lines else f"exit {proc.returncode}"}
+    return {**result, "wall_s": time.perf_counter() - start}
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for r in results:
+        if "timeline" in r:
+            t, mib = zip(*r["timeline"], strict=True)
+            (line,) = ax.plot(t, mib, label=r["config"])
+            ax.axvline(r["forward_end_ms"], color=line.get_color(), linestyle="--", linewidth=0.8)
+    ax.set_xlabel("ms into the step (dashed: forward ends)")
+    ax.set_ylabel("MiB above the memory in use after zero_grad")
+    ax.set_title("memory over one training step")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key, default in MODEL.items():  # --batch is the micro-batch: sequences per step
+        parser.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps (compile)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    parser.add_argument(
+        "--offload-dir", default=os.environ.get("FXOFFLOAD_DIR") or tempfile.gettempdir()
+    )
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="plot memory over a step (matplotlib)")
+    parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        try:
+            result = run_child(args, args.child)
+        except Exception as e:
+            traceback.print_exc()
+            e = getattr(e, "inner_exception", None) or e  # dynamo's BackendCompilerFailed
+            result = {"config": args.child, "error": f"{type(e).__name__}: {e}"}
+        with open(os.environ["FXOFFLOAD_BENCH_RESULT"], "w") as f:
+            json.dump(result, f)
+        sys.exit(1 if "error" in result else 0)
+
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    if not names or any(n not in CONFIGS for n in names):
+        parser.error(f"--configs: choose from {', '.join(CONFIGS)}")
+    if any("=" not in o for o in args.option):
+        parser.error("--option takes KEY=VALUE")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            sys.exit("--plot needs matplotlib: pip install '.[plot]'")
+
+    model = {key: getattr(args, key) for key in MODEL}
+    with torch.device("meta"):
+        params = sum(p.numel() for p in GPT(args).parameters())
+    info = {"machine": machine(args.device), "torch": torch.__version__, "device": args.device}
+    print(
+        f"machine: {info['machine']}, torch {info['torch']}, device {args.device}, "
+        f"load average {os.getloadavg()[0]:.1f}\n"
+        f"model: {model}, {params / 1e6:.1f}M parameters; "
+        f"{args.steps} timed steps after {args.warmup} warmup",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        results = []
+        for name in names:
+            print(f"  running {name} ...", file=sys.stderr, flush=True)
+            results.append(spawn(name, args.device, os.path.join(tmp, f"{name}.json")))
+    methods = {r["memory_method"] for r in results if "memory_method" in r}
+    print(f"memory: {', '.join(sorted(methods)) or '?'}; ratios are to {names[0]}")
+
+    ref = results[0] if "error" not in results[0] else None
+    header = ("config", "step ms", "ratio", "peak MiB", "ratio", "after-fwd MiB", "offl. MiB/step")
+    print("{:<12} {:>8} {:>6} {:>9} {:>6} {:>14} {:>15}".format(*header))
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<12} failed: {r['error'].splitlines()[0]}")
+            continue
+        step_ratio = f"{r['step_ms'] / ref['step_ms']:.2f}" if ref else "-"
+        peak_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
+        offloaded = f"{r['offloaded_mib_per_step']:.0f}" if r["config"] in SSDTRAIN else "-"
+        print(
+            f"{r['config']:<12} {r['step_ms']:>8.0f} {step_ratio:>6} {r['peak_mib']:>9.0f} "
+            f"{peak_ratio:>6} {r['after_forward_mib']:>14.0f} {offloaded:>15}"
+        )
+    total = sum(r["wall_s"] for r in results)
+    print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**info, "model": model, "results": results}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
