@@ -20,6 +20,7 @@ draws a progress bar)::
     python examples/train_hf_gpt2.py
     python examples/train_hf_gpt2.py --steps 50 --offload-dir /nvme/scratch
     python examples/train_hf_gpt2.py --compiler aot_eager --layers 4 --hidden 256
+    python examples/train_hf_gpt2.py --policy all    # every eligible activation
     python examples/train_hf_gpt2.py --policy none   # same compile, nothing offloaded
 """
 
@@ -74,7 +75,7 @@ def parse_args() -> argparse.Namespace:
         help="directory for the offload files (default: $FXOFFLOAD_DIR, else the temp dir)",
     )
     parser.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor")
-    parser.add_argument("--policy", choices=["all", "none"], default="all")
+    parser.add_argument("--policy", choices=["adaptive", "all", "none"], default="adaptive")
     parser.add_argument(
         "--min-bytes",
         type=int,

@@ -18,6 +18,7 @@ Run it (after ``pip install .`` in the repository)::
 
     python examples/train_tiny_gpt.py
     python examples/train_tiny_gpt.py --steps 20 --offload-dir /nvme/scratch
+    python examples/train_tiny_gpt.py --policy all    # every eligible activation
     python examples/train_tiny_gpt.py --policy none   # same compile, nothing offloaded
 """
 
@@ -110,7 +111,7 @@ def parse_args() -> argparse.Namespace:
         help="directory for the offload files (default: $FXOFFLOAD_DIR, else the temp dir)",
     )
     parser.add_argument("--compiler", choices=["inductor", "aot_eager"], default="inductor")
-    parser.add_argument("--policy", choices=["all", "none"], default="all")
+    parser.add_argument("--policy", choices=["adaptive", "all", "none"], default="adaptive")
     return parser.parse_args()
 
 
