@@ -22,6 +22,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fxoffload import ops
 from fxoffload._compat import size_hint
+from fxoffload.passes.saved import tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +51,7 @@ def node_time(node: fx.Node, costs: DeviceCosts) -> float:
     target = node.target
     if isinstance(target, torch._ops.OpOverload) and target.is_view:
         return 0.0
-    moved = sum(_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
+    moved = sum(tensor_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
     return _flops(node) / costs.flops_per_s + moved / costs.memory_bytes_per_s
 
 
@@ -64,20 +65,12 @@ def start_times(graph: fx.Graph, costs: DeviceCosts) -> dict[fx.Node, float]:
     return starts
 
 
-def total_time(graph: fx.Graph, costs: DeviceCosts) -> float:
-    return sum(node_time(n, costs) for n in graph.nodes)
-
-
 def _flops(node: fx.Node) -> int:
     formula = flop_registry.get(getattr(node.target, "overloadpacket", None))
     if formula is None:
         return 0
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     return size_hint(formula(*args, **kwargs, out_val=node.meta.get("val")))
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return size_hint(t.numel()) * t.element_size()
 
 
 def _tensors(tree: object) -> list[torch.Tensor]:

@@ -27,7 +27,7 @@ import math
 import torch.fx as fx
 
 from fxoffload.options import Options
-from fxoffload.passes.costs import DeviceCosts, node_time, start_times, total_time
+from fxoffload.passes.costs import DeviceCosts, start_times
 from fxoffload.passes.saved import SavedValue
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,11 @@ def plan_offload(
     if options.policy == "adaptive":
         if costs is None:
             raise ValueError('policy "adaptive" needs device costs')
-        transfers = _transfers([v for v in planned if v.offload], fw_graph, bw_graph, costs)
-        fw_end = total_time(fw_graph, costs)
-        reasons = plan_adaptive(transfers, fw_end=fw_end, costs=costs, options=options)
+        fw_starts, bw_starts = start_times(fw_graph, costs), start_times(bw_graph, costs)
+        candidates = [v for v in planned if v.offload]
+        transfers = _transfers(candidates, fw_graph, fw_starts, bw_graph, bw_starts)
+        (output,) = fw_graph.find_nodes(op="output")
+        reasons = plan_adaptive(transfers, fw_end=fw_starts[output], costs=costs, options=options)
         planned = [
             dataclasses.replace(v, offload=reasons[v.name][0], reason=reasons[v.name][1])
             if v.name in reasons
@@ -163,12 +165,15 @@ def _read_ends(transfers: list[Transfer], costs: DeviceCosts, options: Options) 
 
 
 def _transfers(
-    candidates: list[SavedValue], fw_graph: fx.Graph, bw_graph: fx.Graph, costs: DeviceCosts
+    candidates: list[SavedValue],
+    fw_graph: fx.Graph,
+    fw_starts: dict[fx.Node, float],
+    bw_graph: fx.Graph,
+    bw_starts: dict[fx.Node, float],
 ) -> list[Transfer]:
+    """Each candidate's timing; a value is made when the node after its own starts."""
     fw_nodes = {n.name: n for n in fw_graph.nodes}
     bw_nodes = {n.name: n for n in bw_graph.find_nodes(op="placeholder")}
-    fw_starts = start_times(fw_graph, costs)
-    bw_starts = start_times(bw_graph, costs)
     transfers = []
     for value in candidates:
         made = fw_nodes[value.name]
@@ -177,7 +182,7 @@ def _transfers(
             Transfer(
                 name=value.name,
                 nbytes=value.nbytes,
-                produced=fw_starts[made] + node_time(made, costs),
+                produced=fw_starts[made.next],
                 first_use=min((bw_starts[u] for u in uses), default=math.inf),
             )
         )

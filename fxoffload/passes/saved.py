@@ -107,7 +107,7 @@ def classify_saved_values(
             kind=kind,
             shape=tuple(val.shape) if is_tensor else None,
             dtype=val.dtype if is_tensor else None,
-            nbytes=size_hint(val.numel()) * val.element_size() if is_tensor else 0,
+            nbytes=tensor_nbytes(val) if is_tensor else 0,
             offload=kind is SavedKind.ACTIVATION,
             reason=reason,
         )
@@ -164,6 +164,11 @@ def _classify(
                 "its base's storage"
             )
     return SavedKind.ACTIVATION, "activation: held only for backward"
+
+
+def tensor_nbytes(val: torch.Tensor) -> int:
+    """Bytes of ``val``'s elements, for the size hints under dynamic shapes (adds no guard)."""
+    return size_hint(val.numel()) * val.element_size()
 
 
 def dense_dim_order(val: torch.Tensor) -> list[int] | None:

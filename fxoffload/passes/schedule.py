@@ -26,10 +26,10 @@ def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: O
     waits = [n for n in graph.nodes if n.target is ops.wait]
     if not waits:
         return
-    latest = latest_read_starts(graph, waits, costs, io_safety=options.io_safety)
+    starts = start_times(graph, costs)
+    latest = latest_read_starts(waits, starts, costs, io_safety=options.io_safety)
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
-    starts = start_times(graph, costs)
     first = index[graph.find_nodes(op="placeholder")[-1]]
     anchor = first  # prefetch goes after nodes[anchor]
     pending: list[fx.Node] = []  # waits whose prefetch is placed at or before anchor
@@ -57,10 +57,9 @@ def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: O
 
 
 def latest_read_starts(
-    graph: fx.Graph, waits: list[fx.Node], costs: DeviceCosts, *, io_safety: float
+    waits: list[fx.Node], starts: dict[fx.Node, float], costs: DeviceCosts, *, io_safety: float
 ) -> dict[fx.Node, float]:
     """Each wait's latest modelled read start (negative: the read cannot be hidden)."""
-    starts = start_times(graph, costs)
     latest: dict[fx.Node, float] = {}
     must_end = float("inf")
     for wait in reversed(waits):

@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from fxoffload._compat import size_hint
-from fxoffload.passes.saved import SavedKind, SavedValue, dense_dim_order
+from fxoffload.passes.saved import SavedKind, SavedValue, dense_dim_order, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _storable_base(base: fx.Node, members_nbytes: int) -> bool:
         and isinstance(val, torch.Tensor)
         and dense_dim_order(val) is not None
         and size_hint(val.storage_offset()) == 0
-        and _nbytes(val) <= members_nbytes
+        and tensor_nbytes(val) <= members_nbytes
     )
 
 
@@ -139,11 +139,7 @@ def _base_record(base: fx.Node, views: list[str]) -> SavedValue:
         kind=SavedKind.ACTIVATION,
         shape=tuple(val.shape),
         dtype=val.dtype,
-        nbytes=_nbytes(val),
+        nbytes=tensor_nbytes(val),
         offload=True,
         reason=f"not saved, but stored once for its saved views {', '.join(views)}",
     )
-
-
-def _nbytes(val: torch.Tensor) -> int:
-    return size_hint(val.numel()) * val.element_size()
