@@ -13,6 +13,7 @@ import tempfile
 
 import expecttest
 import torch
+from known_rates import KNOWN_RATES
 from torch._inductor.utils import run_and_get_code
 
 import fxoffload
@@ -54,15 +55,6 @@ class InplaceActivation(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x).tanh_()
         return (h * h).sum()
-
-
-KNOWN_RATES = {
-    "flops_per_s": 1e9,
-    "memory_bytes_per_s": 1e9,
-    "write_bytes_per_s": 1e8,
-    "read_bytes_per_s": 1e8,
-}
-"""Device rates given as options, so the cost model's decisions do not depend on this machine."""
 
 
 def example_input() -> torch.Tensor:

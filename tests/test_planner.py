@@ -15,6 +15,7 @@ import expecttest
 import pytest
 import torch
 import torch.fx as fx
+from known_rates import KNOWN_RATES
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from training_runs import reproducible
@@ -27,13 +28,6 @@ from fxoffload.partitioner import OffloadPartitioner
 from fxoffload.passes import META_KEY, SavedKind, SavedValue
 from fxoffload.passes.costs import DeviceCosts, start_times
 from fxoffload.runtime import engine_for, probe
-
-KNOWN_RATES = {
-    "flops_per_s": 1e9,
-    "memory_bytes_per_s": 1e9,
-    "write_bytes_per_s": 1e8,
-    "read_bytes_per_s": 1e8,
-}
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
 
