@@ -254,6 +254,25 @@ def test_inflight_cap_makes_store_wait(make_engine) -> None:
     assert torch.equal(engine.wait(handles[1]), second)
 
 
+def test_wait_counts_a_stall_only_when_its_read_is_not_done(make_engine) -> None:
+    engine = make_engine()
+    tensors = [torch.randn(1000), torch.randn(1000)]
+    hidden, exposed = (engine.store(t) for t in tensors)
+    written(engine)
+    engine.prefetch(hidden)
+    engine._pool.submit(lambda: None).result()  # the one I/O thread ran the read before this
+    before = fxoffload.stats()
+    assert torch.equal(engine.wait(hidden), tensors[0])
+    assert delta(before, "wait_stalls") == 0 and delta(before, "wait_stall_ns") == 0
+
+    gate = block_io_thread(engine)
+    engine.prefetch(exposed)
+    threading.Timer(0.05, gate.set).start()
+    assert torch.equal(engine.wait(exposed), tensors[1])
+    assert delta(before, "wait_stalls") == 1
+    assert delta(before, "wait_stall_ns") >= 40_000_000  # blocked until the gate opened
+
+
 def test_same_tensor_stored_again_after_an_unversioned_write_keeps_both(make_engine) -> None:
     """Inductor reuses a dead buffer in place without bumping its version counter:
     a second store of the same tensor object may hold other bytes."""

@@ -120,7 +120,12 @@ class _Transfer:
                 self.chunk_done()
 
     def wait(self) -> BaseException | None:
-        self._done.wait()
+        """Block until the last chunk settled; time spent blocked counts as a stall in stats."""
+        if not self._done.is_set():
+            started = time.perf_counter_ns()
+            self._done.wait()
+            stats.add("wait_stalls")
+            stats.add("wait_stall_ns", time.perf_counter_ns() - started)
         return self._error
 
 

@@ -28,6 +28,10 @@ class OffloadStats:
     """Stores that waited because ``max_inflight_bytes`` were already waiting to be written."""
     store_wait_ns: int = 0
     """Total time those stores waited."""
+    wait_stalls: int = 0
+    """Waits that blocked: their read (or, forwarding, their write) had not finished yet."""
+    wait_stall_ns: int = 0
+    """Total time those waits blocked the caller: I/O the schedule did not hide."""
     staging_reused: int = 0
     """Stores that copied into a kept staging buffer instead of fresh memory."""
     handles_live: int = 0
@@ -48,6 +52,8 @@ COUNTERS = (
     "io_errors",
     "store_waits",
     "store_wait_ns",
+    "wait_stalls",
+    "wait_stall_ns",
     "staging_reused",
 )
 _lock = threading.Lock()
