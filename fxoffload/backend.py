@@ -76,11 +76,18 @@ def device_costs(options: Options, engine: Engine, device: torch.device) -> Devi
         measured = probe.disk_rates(engine)
         write, read = write or measured[0], read or measured[1]
     flops, memory = options.flops_per_s, options.memory_bytes_per_s
+    flops_16bit = None  # a given flops_per_s is the rate of every dtype
     if flops is None or memory is None:
         measured = probe.compute_rates(options.offload_dir, device)
-        flops, memory = flops or measured[0], memory or measured[1]
+        if flops is None:
+            flops, flops_16bit = measured[0], measured[1]
+        memory = memory or measured[2]
     return DeviceCosts(
-        flops_per_s=flops, memory_bytes_per_s=memory, write_bytes_per_s=write, read_bytes_per_s=read
+        flops_per_s=flops,
+        memory_bytes_per_s=memory,
+        write_bytes_per_s=write,
+        read_bytes_per_s=read,
+        flops_per_s_16bit=flops_16bit,
     )
 
 

@@ -18,6 +18,7 @@ import torch.fx as fx
 from known_rates import KNOWN_RATES
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
+from torch.fx.experimental.proxy_tensor import make_fx
 from training_runs import reproducible
 
 import fxoffload
@@ -26,7 +27,7 @@ from fxoffload.backend import device_costs
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner
 from fxoffload.passes import META_KEY, SavedKind, SavedValue
-from fxoffload.passes.costs import DeviceCosts, start_times
+from fxoffload.passes.costs import DeviceCosts, node_time, start_times
 from fxoffload.runtime import engine_for, probe
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
@@ -135,6 +136,23 @@ addmm_3    [64, 256]   float32  65536   keep      write would end 786.4 us after
         )
         self.assertTrue(all(not d.offload for d in decisions))
         self.assertIn("prefetch_budget_bytes=1000", decisions[0].reason)
+
+
+def test_16bit_matmuls_are_costed_at_the_16bit_rate() -> None:
+    a = torch.randn(64, 64, dtype=torch.bfloat16)
+    gm = make_fx(lambda a: (torch.mm(a, a), torch.mm(a.float(), a.float())))(a)
+    rates = {"memory_bytes_per_s": 1e30, "write_bytes_per_s": 1.0, "read_bytes_per_s": 1.0}
+    costs = DeviceCosts(flops_per_s=1e9, flops_per_s_16bit=1e10, **rates)
+    half, single = (
+        node_time(n, costs) for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default
+    )
+    flops = 2 * 64**3
+    assert half == pytest.approx(flops / 1e10) and single == pytest.approx(flops / 1e9)
+    # Without a 16-bit rate (flops_per_s given as an option), one rate for every dtype.
+    same = DeviceCosts(flops_per_s=1e9, **rates)
+    assert [
+        node_time(n, same) for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default
+    ] == [pytest.approx(flops / 1e9)] * 2
 
 
 def backward_graph(
@@ -265,15 +283,15 @@ def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
 def test_measured_rates_are_cached_in_the_offload_dir(tmp_path) -> None:
     engine = engine_for(str(tmp_path))
     write, read = probe.disk_rates(engine)
-    flops, memory = probe.compute_rates(str(tmp_path), torch.device("cpu"))
-    assert min(write, read, flops, memory) > 0
+    compute = probe.compute_rates(str(tmp_path), torch.device("cpu"))
+    assert min(write, read, *compute) > 0
     path = tmp_path / probe.CACHE_NAME
     table = json.loads(path.read_text())
     assert len(table) == 2
     mtime = os.stat(path).st_mtime_ns
     # Measured once: a second ask (another process would too) reads the file.
     assert probe.disk_rates(engine) == (write, read)
-    assert probe.compute_rates(str(tmp_path), torch.device("cpu")) == (flops, memory)
+    assert probe.compute_rates(str(tmp_path), torch.device("cpu")) == compute
     assert os.stat(path).st_mtime_ns == mtime
     # Nothing else is left in the offload dir but the engine's private directory.
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["fxoffload", "fxoffload"]

@@ -3,12 +3,13 @@
 Coarse on purpose. A node's time is its FLOPs at the device's measured FLOP
 rate plus the bytes it reads and writes at the device's memory bandwidth
 (the roofline's two sides added, since which one binds is unknown without
-running it). FLOPs come from ``torch.utils.flop_counter``'s formulas
-(matmuls, convolutions, attention); other ops count as memory-bound. Sizes
-are shape hints, so dynamic shapes plan for the example sizes and add no
-guard. The planner only compares these times with transfer times, so a
-uniform error in either shifts decisions, it does not break them; the
-``io_safety`` factor covers the rest.
+running it). The FLOP rate is the node's dtype's: 16-bit matmuls (autocast)
+run several times faster than float32 ones on accelerators. FLOPs come from
+``torch.utils.flop_counter``'s formulas (matmuls, convolutions, attention);
+other ops count as memory-bound. Sizes are shape hints, so dynamic shapes
+plan for the example sizes and add no guard. The planner only compares these
+times with transfer times, so a uniform error in either shifts decisions, it
+does not break them; the ``io_safety`` factor covers the rest.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ class DeviceCosts:
     memory_bytes_per_s: float
     write_bytes_per_s: float
     read_bytes_per_s: float
+    flops_per_s_16bit: float | None = None
+    """The rate of bfloat16 and float16 ops (autocast's matmuls); ``None``: ``flops_per_s``."""
+
+    def flop_rate(self, dtype: torch.dtype | None) -> float:
+        if self.flops_per_s_16bit is not None and dtype in (torch.bfloat16, torch.float16):
+            return self.flops_per_s_16bit
+        return self.flops_per_s
 
     def write_time(self, nbytes: int) -> float:
         return nbytes / self.write_bytes_per_s
@@ -52,7 +60,11 @@ def node_time(node: fx.Node, costs: DeviceCosts) -> float:
     if isinstance(target, torch._ops.OpOverload) and target.is_view:
         return 0.0
     moved = sum(tensor_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
-    return _flops(node) / costs.flops_per_s + moved / costs.memory_bytes_per_s
+    flops = _flops(node)
+    if not flops:
+        return moved / costs.memory_bytes_per_s
+    rate = costs.flop_rate(getattr(node.meta.get("val"), "dtype", None))
+    return flops / rate + moved / costs.memory_bytes_per_s
 
 
 def start_times(graph: fx.Graph, costs: DeviceCosts) -> dict[fx.Node, float]:

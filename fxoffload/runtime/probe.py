@@ -60,17 +60,25 @@ def disk_rates(engine: Engine) -> tuple[float, float]:
     return cached[0], cached[1]
 
 
-def compute_rates(root: str, device: torch.device) -> tuple[float, float]:
-    """(FLOP/s, memory bytes/s) of ``device`` at this thread count, cached under ``root``."""
+def compute_rates(root: str, device: torch.device) -> tuple[float, float, float]:
+    """(FLOP/s, 16-bit FLOP/s, memory bytes/s) of ``device``, cached under ``root``.
+
+    Matmuls in bfloat16 or float16 (autocast) run several times faster than in
+    float32 on accelerators (about ten times on an H100), so a plan made with
+    the float32 rate alone would think a bf16 forward pass ten times longer
+    than it is. The float32 rate depends on ``torch.get_float32_matmul_precision()``,
+    so that is part of the cache key; on the CPU, so is the thread count.
+    """
+    precision = torch.get_float32_matmul_precision()
     if device.type == "cuda":
-        key = f"compute:{torch.cuda.get_device_name(device)}"
+        key = f"compute:{torch.cuda.get_device_name(device)}:{precision}"
     else:
-        key = f"compute:{device.type}:{torch.get_num_threads()}"
-    cached = _cached(root, key)
+        key = f"compute:{device.type}:{torch.get_num_threads()}:{precision}"
+    cached = _cached(root, key, 3)
     if cached is None:
         cached = _measure_compute(device)
         _remember(root, key, cached)
-    return cached[0], cached[1]
+    return cached[0], cached[1], cached[2]
 
 
 def _measure_disk(engine: Engine) -> tuple[float, float]:
@@ -99,15 +107,23 @@ def _measure_disk(engine: Engine) -> tuple[float, float]:
     return rates
 
 
-def _measure_compute(device: torch.device) -> tuple[float, float]:
-    n = 2048 if device.type == "cuda" else 512
+def _measure_compute(device: torch.device) -> tuple[float, float, float]:
+    n = 4096 if device.type == "cuda" else 512
     a = torch.randn(n, n, device=device)
+    half = a.to(torch.bfloat16)
     src = torch.empty(16 << 20, device=device)  # 64 MiB of float32
     dst = torch.empty_like(src)
     flops = 2 * n**3 / _best_time(lambda: torch.mm(a, a), device)
+    flops_16bit = 2 * n**3 / _best_time(lambda: torch.mm(half, half), device)
     memory = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
-    log.info("%s: %.1f GFLOP/s, memory %.1f GB/s", device, flops / 1e9, memory / 1e9)
-    return flops, memory
+    log.info(
+        "%s: %.1f GFLOP/s (16-bit: %.1f), memory %.1f GB/s",
+        device,
+        flops / 1e9,
+        flops_16bit / 1e9,
+        memory / 1e9,
+    )
+    return flops, flops_16bit, memory
 
 
 def _best_time(fn, device: torch.device, reps: int = 5) -> float:
@@ -125,7 +141,7 @@ def _best_time(fn, device: torch.device, reps: int = 5) -> float:
     return best
 
 
-def _cached(root: str, key: str) -> tuple[float, float] | None:
+def _cached(root: str, key: str, count: int = 2) -> tuple[float, ...] | None:
     try:
         with open(os.path.join(root, CACHE_NAME)) as f:
             value = json.load(f).get(key)
@@ -133,14 +149,14 @@ def _cached(root: str, key: str) -> tuple[float, float] | None:
         return None
     if (
         isinstance(value, list)
-        and len(value) == 2
+        and len(value) == count
         and all(isinstance(v, (int, float)) and v > 0 for v in value)
     ):
-        return float(value[0]), float(value[1])
+        return tuple(float(v) for v in value)
     return None
 
 
-def _remember(root: str, key: str, rates: tuple[float, float]) -> None:
+def _remember(root: str, key: str, rates: tuple[float, ...]) -> None:
     """Add ``key`` to the cache file; atomic, so concurrent processes never see half a file."""
     path = os.path.join(root, CACHE_NAME)
     try:
