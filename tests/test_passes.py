@@ -362,6 +362,26 @@ class TestInductorSchedule(expecttest.TestCase):
         self.assertGreaterEqual(reads, 4)
         self.assertNotEqual(self.pattern(ours).replace("k", ""), "P" * reads + "W" * reads)
 
+    def test_restored_tensors_count_as_aligned(self) -> None:
+        """Inductor takes a fallback's output as unaligned if any input is, and our CPU
+        handles always are: Triton kernels reading restored tensors then lost their
+        divisibility hints and summed in another order (last-bit differences on a GPU).
+        ``fxoffload.lowering`` marks what ``wait`` returns aligned; inductor checks it."""
+        torch._dynamo.reset()
+        with (
+            tempfile.TemporaryDirectory() as d,
+            torch._inductor.config.patch(force_disable_caches=True),
+        ):
+            options = {"policy": "all", "min_bytes": 0, "offload_dir": d}
+            compiled = torch.compile(LayerStack(), backend="ssdtrain", options=options)
+            _, (_, backward) = run_and_get_code(lambda: compiled(torch.randn(256, 64)).backward())
+        waits = backward.count("= torch.ops.ssdtrain.wait.default(")
+        self.assertGreaterEqual(waits, 4)
+        self.assertEqual(backward.count("16, 'torch.ops.ssdtrain.wait.default')"), waits)
+        self.assertNotIn(
+            "(op: torch.ops.ssdtrain.wait.default) is assumed to be not aligned", backward
+        )
+
     @staticmethod
     def pattern(calls: list[tuple[str, str]]) -> str:
         return "".join({"prefetch": "P", "wait": "W", "": "k"}[p] for p, _ in calls)
