@@ -1,10 +1,51 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine: CUDA tests, then the I/O benchmark.
-# Usage (from the repository root): bash benchmarks/gpu_check.sh
-# The GPU machines have torch with CUDA but no network: install the project without deps.
-set -euo pipefail
-python -m pip install --no-deps --no-build-isolation -q . 2>/dev/null || python -m pip install --no-deps -q .
-python -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -m pytest -q tests/test_cuda.py tests/test_engine.py
-python benchmarks/io_bandwidth.py --dir "${FXOFFLOAD_DIR:-/tmp}"
+# One prepared run on a lent GPU machine: the CUDA tests, the I/O benchmark with
+# tensors on the GPU (GPU Direct Storage included), the training-step benchmark on
+# a 12-layer GPT, and the largest micro-batch with and without offloading.
+#
+# Those machines have torch with CUDA but no network, so build the wheel first and
+# carry it (from the repository root, here):
+#     python -m build --wheel --outdir .whl      # .whl/ is git-ignored
+# then there:
+#     bash benchmarks/gpu_check.sh               # logs and JSON under $OUT
+#
+# Each stage has its own time limit, so one that runs long leaves the others their
+# time; every stage's output goes to $OUT/gpu_check.log as it runs.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+export PYTHONUNBUFFERED=1
+
+# The offload directory: the first candidate on a real disk (not tmpfs or ramfs).
+for d in ${FXOFFLOAD_DIR:-} /var/tmp /tmp "$PWD"; do
+    case "$(stat -f -c %T "$d" 2>/dev/null)" in
+        "" | tmpfs | ramfs) ;;
+        *) DIR="$d/fxoffload-gpu" && break ;;
+    esac
+done
+mkdir -p "$DIR"
+
+stage() {  # stage NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit} s) at $(date +%T)" | tee -a "$LOG"
+    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
+    echo "=== $name: exit ${PIPESTATUS[0]} at $(date +%T)" | tee -a "$LOG"
+}
+
+GPT=(--device cuda --autocast --layers 12 --width 2048 --heads 16 --seq-len 1024
+     --offload-dir "$DIR")
+
+stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader;
+    python -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())';
+    nproc; free -g | head -2; df -h '$DIR'; findmnt -T '$DIR' || true"
+stage install 60 bash -c 'if ls .whl/fxoffload-*.whl >/dev/null 2>&1; then
+        python -m pip install -q --no-deps --no-index --force-reinstall .whl/fxoffload-*.whl;
+    else python -m pip install -q --no-deps --no-build-isolation .; fi'
+stage tests 100 python -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py
+stage io 45 python benchmarks/io_bandwidth.py --dir "$DIR" --device cuda --no-step
+stage train 200 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 5 \
+    --configs none,adaptive,recompute,budget-0.5 --json "$OUT/train_step.json"
+stage max-batch 140 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 3 \
+    --configs none,adaptive --max-batch --memory-limit-gib 40 --json "$OUT/max_batch.json"

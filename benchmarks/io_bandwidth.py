@@ -14,7 +14,13 @@ In one run, against the offload directory's device:
 ``--sweep`` adds a table over I/O threads and chunk sizes, from which the
 defaults were chosen. Run from the repository root::
 
-    python benchmarks/io_bandwidth.py [--dir /nvme/x] [--total-mib 1024] [--sweep]
+    python benchmarks/io_bandwidth.py [--dir /nvme/x] [--total-mib 1024] [--sweep] \\
+        [--device cuda] [--no-step]
+
+``--device cuda`` stores tensors that live on the GPU: the engine's numbers
+then include the copies through pinned memory, and GPU Direct Storage
+(``torch.cuda.gds``) is measured too, where it works. The training step always runs
+on the CPU; ``--no-step`` skips it.
 """
 
 from __future__ import annotations
@@ -63,11 +69,16 @@ def raw_bandwidth(directory: str, total: int) -> tuple[float, float, bool]:
     return write, read, direct
 
 
-def engine_bandwidth(directory: str, size: int, total: int, config: EngineConfig):
-    """Store then load ``total`` bytes as tensors of ``size`` bytes; GB/s each."""
+def engine_bandwidth(
+    directory: str, size: int, total: int, config: EngineConfig, device: torch.device
+):
+    """Store then load ``total`` bytes as tensors of ``size`` bytes on ``device``; GB/s each."""
     engine = Engine(directory, config)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    handles = []
     try:
-        tensors = [torch.randn(size // 4) for _ in range(max(1, total // size))]
+        tensors = [torch.randn(size // 4, device=device) for _ in range(max(1, total // size))]
+        sync()
         moved = len(tensors) * size
         before = fxoffload.runtime.snapshot()
         start = time.perf_counter()
@@ -81,6 +92,7 @@ def engine_bandwidth(directory: str, size: int, total: int, config: EngineConfig
             engine.prefetch(h)
         for h in handles:
             engine.wait(h)
+        sync()  # on CUDA, wait's copy to the device is queued on the stream
         load = moved / (time.perf_counter() - start) / 1e9
         after = fxoffload.runtime.snapshot()
         assert after.tensors_forwarded == before.tensors_forwarded, "a load was not a read"
@@ -89,6 +101,59 @@ def engine_bandwidth(directory: str, size: int, total: int, config: EngineConfig
         del handles
         engine.close()
     return store, load, waits
+
+
+def pcie_bandwidth(total: int) -> tuple[float, float]:
+    """GPU to pinned host memory and back, ``total`` bytes each way; GB/s each."""
+    device = torch.empty(total, dtype=torch.uint8, device="cuda")
+    host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    rates = []
+    for dst, src in ((host, device), (device, host)):
+        dst.copy_(src, non_blocking=True)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        rates.append(total / (time.perf_counter() - start) / 1e9)
+    return rates[0], rates[1]
+
+
+def gds_bandwidth(directory: str, total: int) -> tuple[float, float] | str:
+    """GPU Direct Storage (``torch.cuda.gds``, cuFile): write then read ``total`` bytes
+    straight from and into GPU memory in 64 MiB calls; GB/s each, or why it cannot run.
+
+    Measured to decide whether an engine path through cuFile would earn its place
+    next to the pinned-memory path: it has to beat ``--device cuda``'s store and load.
+    """
+    block = 64 * MiB
+    path = os.path.join(directory, "gds.bin")
+    try:
+        from torch.cuda import gds
+
+        storage = torch.randn(block // 4, device="cuda").untyped_storage()
+        gds.gds_register_buffer(storage)
+        file = gds.GdsFile(path, os.O_CREAT | os.O_RDWR | os.O_DIRECT)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for offset in range(0, total, block):
+            file.save_storage(storage, offset)
+        fd = os.open(path, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        write = total / (time.perf_counter() - start) / 1e9
+        start = time.perf_counter()
+        for offset in range(0, total, block):
+            file.load_storage(storage, offset)
+        torch.cuda.synchronize()
+        read = total / (time.perf_counter() - start) / 1e9
+        del file
+        gds.gds_deregister_buffer(storage)
+    except (RuntimeError, OSError, ImportError) as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    return write, read
 
 
 class CheapActivations(torch.nn.Module):
@@ -140,8 +205,13 @@ def main() -> None:
         help="checksum chunks (the verify option)",
     )
     parser.add_argument("--sweep", action="store_true", help="also sweep threads x chunk size")
+    parser.add_argument(
+        "--device", default="cpu", help="where the stored tensors live (cuda: via pinned memory)"
+    )
+    parser.add_argument("--no-step", action="store_true", help="skip the training-step part")
     args = parser.parse_args()
     total = args.total_mib * MiB
+    device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         raw_w, raw_r, direct = raw_bandwidth(work, total)
@@ -155,16 +225,29 @@ def main() -> None:
         )
         print(
             f"engine (io_threads={config.io_threads}, chunk={args.chunk_mib} MiB, "
-            f"verify={config.verify}):"
+            f"verify={config.verify}, tensors on {device}):"
         )
         print(f"{'tensor':>8} {'store GB/s':>11} {'/raw':>6} {'load GB/s':>10} {'/raw':>6}")
         for size_mib in (1, 4, 16, 64):
-            store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config)
+            store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config, device)
             note = f"  ({waits} store waits)" if waits else ""
             print(
                 f"{size_mib:>5} MiB {store:>11.2f} {store / raw_w:>6.2f} "
                 f"{load:>10.2f} {load / raw_r:>6.2f}{note}"
             )
+
+        if device.type == "cuda":
+            d2h, h2d = pcie_bandwidth(total)
+            print(f"GPU <-> pinned memory: to host {d2h:.1f} GB/s, to GPU {h2d:.1f} GB/s")
+            gds = gds_bandwidth(work, total)
+            if isinstance(gds, str):
+                print(f"GPU Direct Storage (torch.cuda.gds): not usable here: {gds}")
+            else:
+                print(
+                    f"GPU Direct Storage (torch.cuda.gds, {args.total_mib} MiB from GPU memory):"
+                    f" write {gds[0]:.2f} GB/s ({gds[0] / raw_w:.2f} of raw), read"
+                    f" {gds[1]:.2f} GB/s ({gds[1] / raw_r:.2f} of raw)"
+                )
 
         if args.sweep:
             print("sweep: store/load GB/s for 16 and 64 MiB tensors")
@@ -175,10 +258,12 @@ def main() -> None:
                     )
                     cells = []
                     for size_mib in (16, 64):
-                        s, ld, _ = engine_bandwidth(work, size_mib * MiB, total, cfg)
+                        s, ld, _ = engine_bandwidth(work, size_mib * MiB, total, cfg, device)
                         cells.append(f"{size_mib} MiB {s:.2f}/{ld:.2f}")
                     print(f"  threads={threads} chunk={chunk_mib:>2} MiB: " + "  ".join(cells))
 
+        if args.no_step:
+            return
         none, _ = step_times("none", work, args.compiler, args.steps, args.verify)
         offloaded, per_step = step_times("all", work, args.compiler, args.steps, args.verify)
         extra = offloaded - none

@@ -20,6 +20,20 @@ offloaded ones not yet written (median). Then ``--steps`` steps are timed
 ("step ms": median); "offl. MiB/step" is ``fxoffload.stats().bytes_written`` per
 timed step.
 
+"stall ms/step" is the time backward's waits blocked the host on I/O not
+finished in time (``fxoffload.stats().wait_stall_ns``; on a GPU the device may
+still be busy meanwhile), "forwarded/step" the waits served from memory without a
+read (``tensors_forwarded``); "fwd ms" the median forward time.
+``--autocast`` runs forward under ``torch.autocast`` in bfloat16.
+
+``--max-batch`` answers a different question: the largest micro-batch that
+trains in ``--memory-limit-gib`` (default: the whole device), found by doubling
+from ``--batch`` and then bisecting, two steps per try, with the batch
+dimension dynamic so each configuration compiles once; then tokens per second
+at that batch (median of ``--steps``). On CUDA a try fails when it runs out of
+memory (the limit is set with ``set_per_process_memory_fraction``); on CPU,
+when its peak memory exceeds the limit.
+
 On CPU memory is the process RSS. The child starts with
 ``MALLOC_MMAP_THRESHOLD_=65536``: glibc mmaps every allocation of 64 KiB and up
 and unmaps it when freed, so RSS follows the live bytes (with glibc's default,
@@ -35,7 +49,8 @@ configuration. Run from the repository root (2 CPU cores: about 2 minutes with
 a warm inductor cache, 3 cold)::
 
     python benchmarks/train_step.py [--configs none,all] [--option min_bytes=0] \\
-        [--offload-dir /nvme/x] [--json out.json] [--plot out.png]
+        [--offload-dir /nvme/x] [--json out.json] [--plot out.png] [--autocast] \\
+        [--max-batch --memory-limit-gib 32]
 
 ``--plot`` (``pip install '.[plot]'``) draws the memory of none, adaptive and
 all over one more step, sampled every 1 ms.
@@ -185,83 +200,169 @@ def parse_value(text: str):
     return text
 
 
+class Trainer:
+    """One configuration's model, optimizer and compiled forward, and its training step."""
+
+    def __init__(self, args: argparse.Namespace, name: str) -> None:
+        import fxoffload
+
+        torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
+        self.device = device = torch.device(args.device)
+        torch.manual_seed(0)
+        self.model = GPT(args, recompute=name == "recompute").to(device)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-2)
+        self.contexts = [
+            lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
+        ]
+        if name in SSDTRAIN:
+            options = {"policy": name, "offload_dir": args.offload_dir}
+            options.update((k, parse_value(v)) for k, v in (o.split("=", 1) for o in args.option))
+            fxoffload.Options.from_dict(options)  # a bad option fails here, not inside dynamo
+            self.forward = torch.compile(self.model, backend="ssdtrain", options=options)
+        elif name == "save_on_cpu":
+            self.forward = self.model
+            pin = device.type == "cuda"
+            self.contexts.append(lambda: torch.autograd.graph.save_on_cpu(pin_memory=pin))
+        else:
+            torch._functorch.config.activation_memory_budget = BUDGETS.get(name, 1.0)
+            self.forward = torch.compile(self.model)
+        self.meter = Meter(device)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+        # RSS follows the live bytes while the child runs with MALLOC_MMAP_THRESHOLD_ (see spawn)
+        self.exact_rss = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "65536" and hasattr(
+            libc, "mallopt"
+        )
+
+    def batch(self, args: argparse.Namespace, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``size`` sequences of random tokens: inputs and targets."""
+        data = torch.randint(0, args.vocab, (size, args.seq_len + 1), device=self.device)
+        return data[:, :-1], data[:, 1:]
+
+    def step(self, idx, targets, marks: dict | None = None) -> tuple[float, float, int, int]:
+        """One training step: its seconds, forward seconds, peak bytes, bytes held after forward."""
+        gc.collect()
+        if self.exact_rss:
+            libc.malloc_trim(0)  # heap memory freed earlier goes back to the OS
+        self.sync()
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.meter.reset_peak()
+        before = self.meter.now()
+        with contextlib.ExitStack() as stack:
+            for context in self.contexts:
+                stack.enter_context(context())
+            loss = self.forward(idx, targets)
+        after_forward = self.meter.now() - before
+        self.sync()
+        forward_end = time.perf_counter()
+        loss.backward()
+        self.optimizer.step()
+        self.sync()
+        seconds = time.perf_counter() - start
+        if marks is not None:
+            marks.update(start=start, forward_end=forward_end, before=before)
+        return seconds, forward_end - start, self.meter.peak() - before, after_forward
+
+
 def run_child(args: argparse.Namespace, name: str) -> dict:
     """Train and measure one configuration, in this (the child) process."""
     import fxoffload
 
-    torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    model = GPT(args, recompute=name == "recompute").to(device)
-    data = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), device=device)
-    idx, targets = data[:, :-1], data[:, 1:]
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    context = contextlib.nullcontext
-    if name in SSDTRAIN:
-        options = {"policy": name, "offload_dir": args.offload_dir}
-        options.update((k, parse_value(v)) for k, v in (o.split("=", 1) for o in args.option))
-        fxoffload.Options.from_dict(options)  # a bad option fails here, not inside dynamo
-        forward = torch.compile(model, backend="ssdtrain", options=options)
-    elif name == "save_on_cpu":
-        forward = model
-        context = lambda: torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")  # noqa: E731
-    else:
-        torch._functorch.config.activation_memory_budget = BUDGETS.get(name, 1.0)
-        forward = torch.compile(model)
-    meter = Meter(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    # RSS follows the live bytes while the child runs with MALLOC_MMAP_THRESHOLD_ (see spawn)
-    exact_rss = os.environ.get("MALLOC_MMAP_THRESHOLD_") == "65536" and hasattr(libc, "mallopt")
-
-    def step(marks: dict | None = None) -> tuple[float, int, int]:
-        """One training step: its seconds, peak bytes, and bytes held after forward."""
-        gc.collect()
-        if exact_rss:
-            libc.malloc_trim(0)  # heap memory freed earlier goes back to the OS
-        sync()
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        meter.reset_peak()
-        before = meter.now()
-        with context():
-            loss = forward(idx, targets)
-        after_forward, forward_end = meter.now() - before, time.perf_counter()
-        loss.backward()
-        optimizer.step()
-        sync()
-        seconds = time.perf_counter() - start
-        if marks is not None:
-            marks.update(start=start, forward_end=forward_end, before=before)
-        return seconds, meter.peak() - before, after_forward
-
+    trainer = Trainer(args, name)
+    idx, targets = trainer.batch(args, args.batch)
     for _ in range(args.warmup):
-        step()
-    mem_times, peaks, held = zip(*(step() for _ in range(min(args.steps, 3))), strict=True)
+        trainer.step(idx, targets)
+    measured = [trainer.step(idx, targets) for _ in range(min(args.steps, 3))]
+    mem_times, _, peaks, held = zip(*measured, strict=True)
     result = {
         "config": name,
         "peak_mib": max(peaks) / MiB,
         "after_forward_mib": statistics.median(held) / MiB,
         "memory_step_ms": [t * 1e3 for t in mem_times],
-        "memory_method": meter.method + (", 64 KiB mmap threshold" if exact_rss else ""),
+        "memory_method": trainer.meter.method
+        + (", 64 KiB mmap threshold" if trainer.exact_rss else ""),
     }
     if args.plot and name in SSDTRAIN:
         marks: dict = {}
-        sampler = Sampler(meter.now)
-        step(marks)
+        sampler = Sampler(trainer.meter.now)
+        trainer.step(idx, targets, marks)
         start, before = marks["start"], marks["before"]
         samples = [(t, b) for t, b in sampler.stop() if t >= start]
         result["timeline"] = [((t - start) * 1e3, (b - before) / MiB) for t, b in samples]
         result["forward_end_ms"] = (marks["forward_end"] - start) * 1e3
-    if exact_rss:  # back to about glibc's default once warm: reuse freed memory up to 32 MiB
+    if (
+        trainer.exact_rss
+    ):  # back to about glibc's default once warm: reuse freed memory up to 32 MiB
         libc.mallopt(M_MMAP_THRESHOLD, 32 * MiB)
         libc.mallopt(M_TRIM_THRESHOLD, 64 * MiB)
-        exact_rss = False
-        step()
-    written = fxoffload.stats().bytes_written
-    times = [step()[0] for _ in range(args.steps)]
-    offloaded = (fxoffload.stats().bytes_written - written) / args.steps
-    result.update(step_ms=statistics.median(times) * 1e3, offloaded_mib_per_step=offloaded / MiB)
-    result["step_ms_all"] = [t * 1e3 for t in times]
+        trainer.exact_rss = False
+        trainer.step(idx, targets)
+    before = fxoffload.stats()
+    times, forward_times, _, _ = zip(
+        *(trainer.step(idx, targets) for _ in range(args.steps)), strict=True
+    )
+    after = fxoffload.stats()
+    result.update(
+        step_ms=statistics.median(times) * 1e3,
+        forward_ms=statistics.median(forward_times) * 1e3,
+        offloaded_mib_per_step=(after.bytes_written - before.bytes_written) / args.steps / MiB,
+        stall_ms_per_step=(after.wait_stall_ns - before.wait_stall_ns) / args.steps / 1e6,
+        forwarded_per_step=(after.tensors_forwarded - before.tensors_forwarded) / args.steps,
+        store_wait_ms_per_step=(after.store_wait_ns - before.store_wait_ns) / args.steps / 1e6,
+        step_ms_all=[t * 1e3 for t in times],
+    )
+    return result
+
+
+def run_child_max_batch(args: argparse.Namespace, name: str) -> dict:
+    """The largest micro-batch that fits ``--memory-limit-gib``, and tokens/s at it."""
+    trainer = Trainer(args, name)
+    limit = args.memory_limit_gib * (1 << 30) if args.memory_limit_gib else None
+    if limit and trainer.device.type == "cuda":
+        index = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
+    tries: dict[int, bool] = {}
+
+    def fits(size: int, steps: int = 2) -> list[float] | None:
+        """Step times of ``steps`` steps at batch ``size``, or None if it does not fit."""
+        idx, targets = trainer.batch(args, size)
+        torch._dynamo.mark_dynamic(idx, 0)
+        torch._dynamo.mark_dynamic(targets, 0)
+        try:
+            stats = [trainer.step(idx, targets) for _ in range(steps)]
+        except RuntimeError as e:  # torch.OutOfMemoryError, or it wrapped by a compiler layer
+            if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+                raise
+            stats = None
+        if stats is None:  # outside the except block: the failed step's frames are gone
+            trainer.optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            torch.cuda.empty_cache()
+        ok = stats is not None and (limit is None or max(s[2] for s in stats) <= limit)
+        print(f"    {name}: batch {size} {'fits' if ok else 'does not fit'}", flush=True)
+        tries[size] = ok
+        return [s[0] for s in stats] if ok else None
+
+    idx, targets = trainer.batch(args, args.batch)  # compile first: its memory is no step's
+    torch._dynamo.mark_dynamic(idx, 0)
+    torch._dynamo.mark_dynamic(targets, 0)
+    trainer.step(idx, targets)
+    del idx, targets
+    low, high = 0, args.batch
+    while high <= args.max_batch_limit and fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    result = {"config": name, "max_batch": low, "tries": tries, "limit_gib": args.memory_limit_gib}
+    if low:
+        times = fits(low, args.steps)
+        if times is None:  # fitted once, not again (fragmentation): report the next size down
+            result["refit_failed"] = True
+        else:
+            result["step_ms"] = statistics.median(times) * 1e3
+            result["tokens_per_s"] = low * args.seq_len / statistics.median(times)
     return result
 
 
@@ -280,7 +381,7 @@ def spawn(name: str, device: str, result_path: str) -> dict:
     if device == "cpu":  # every allocation of 64 KiB and up is mmapped, and unmapped when freed
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     start = time.perf_counter()
-    proc = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run(command, env=env, stderr=subprocess.PIPE)  # stdout: progress lines
     try:
         with open(result_path) as f:
             result = json.load(f)
@@ -288,6 +389,61 @@ def spawn(name: str, device: str, result_path: str) -> dict:
         lines = [ln for ln in proc.stderr.decode(errors="replace").splitlines() if ln.strip()]
         result = {"config": name, "error": lines[-1] if lines else f"exit {proc.returncode}"}
     return {**result, "wall_s": time.perf_counter() - start}
+
+
+def print_table(results: list[dict], reference: str) -> None:
+    methods = {r["memory_method"] for r in results if "memory_method" in r}
+    print(f"memory: {', '.join(sorted(methods)) or '?'}; ratios are to {reference}")
+    ref = results[0] if "error" not in results[0] else None
+    header = (
+        "config", "step ms", "ratio", "fwd ms", "peak MiB", "ratio", "after-fwd MiB",
+        "offl. MiB/step", "stall ms/step", "forwarded/step",
+    )  # fmt: skip
+    print("{:<12} {:>8} {:>6} {:>7} {:>9} {:>6} {:>14} {:>15} {:>14} {:>14}".format(*header))
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<12} failed: {r['error'].splitlines()[0]}")
+            continue
+        step_ratio = f"{r['step_ms'] / ref['step_ms']:.2f}" if ref else "-"
+        peak_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
+        ours = r["config"] in SSDTRAIN
+        offloaded = f"{r['offloaded_mib_per_step']:.0f}" if ours else "-"
+        stall = f"{r['stall_ms_per_step']:.1f}" if ours else "-"
+        forwarded = f"{r['forwarded_per_step']:.0f}" if ours else "-"
+        print(
+            f"{r['config']:<12} {r['step_ms']:>8.0f} {step_ratio:>6} {r['forward_ms']:>7.0f} "
+            f"{r['peak_mib']:>9.0f} {peak_ratio:>6} {r['after_forward_mib']:>14.0f} "
+            f"{offloaded:>15} {stall:>14} {forwarded:>14}"
+        )
+
+
+def print_max_batch(results: list[dict], args: argparse.Namespace) -> None:
+    limit = f"{args.memory_limit_gib:g} GiB" if args.memory_limit_gib else "the whole device"
+    print(f"largest micro-batch that trains in {limit} (sequence {args.seq_len}):")
+    print("{:<12} {:>10} {:>8} {:>10}".format("config", "max batch", "step ms", "tokens/s"))
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:<12} failed: {r['error'].splitlines()[0]}")
+        elif "tokens_per_s" not in r:
+            print(f"{r['config']:<12} {r['max_batch']:>10} (did not fit again when timed)")
+        else:
+            print(
+                f"{r['config']:<12} {r['max_batch']:>10} {r['step_ms']:>8.0f} "
+                f"{r['tokens_per_s']:>10.0f}"
+            )
+
+
+def print_rates(offload_dir: str) -> None:
+    """The device rates the adaptive planner used, as measured and cached by fxoffload."""
+    from fxoffload.runtime import probe
+
+    try:
+        with open(os.path.join(offload_dir, probe.CACHE_NAME)) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        return
+    for key, rates in table.items():
+        print(f"planner rates {key}: " + ", ".join(f"{r / 1e9:.3g}" for r in rates) + " G/s")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -324,12 +480,18 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot memory over a step (matplotlib)")
+    parser.add_argument("--autocast", action="store_true", help="forward in bfloat16 autocast")
+    parser.add_argument(
+        "--max-batch", action="store_true", help="find the largest micro-batch that fits instead"
+    )
+    parser.add_argument("--memory-limit-gib", type=float, help="--max-batch: memory to fit in")
+    parser.add_argument("--max-batch-limit", type=int, default=4096, help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:
         try:
-            result = run_child(args, args.child)
+            result = (run_child_max_batch if args.max_batch else run_child)(args, args.child)
         except Exception as e:
             traceback.print_exc()
             e = getattr(e, "inner_exception", None) or e  # dynamo's BackendCompilerFailed
@@ -357,7 +519,8 @@ def main() -> None:
         f"machine: {info['machine']}, torch {info['torch']}, device {args.device}, "
         f"load average {os.getloadavg()[0]:.1f}\n"
         f"model: {model}, {params / 1e6:.1f}M parameters; "
-        f"{args.steps} timed steps after {args.warmup} warmup",
+        f"{args.steps} timed steps after {args.warmup} warmup"
+        + (", bfloat16 autocast" if args.autocast else ""),
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -365,23 +528,13 @@ def main() -> None:
         for name in names:
             print(f"  running {name} ...", file=sys.stderr, flush=True)
             results.append(spawn(name, args.device, os.path.join(tmp, f"{name}.json")))
-    methods = {r["memory_method"] for r in results if "memory_method" in r}
-    print(f"memory: {', '.join(sorted(methods)) or '?'}; ratios are to {names[0]}")
-
-    ref = results[0] if "error" not in results[0] else None
-    header = ("config", "step ms", "ratio", "peak MiB", "ratio", "after-fwd MiB", "offl. MiB/step")
-    print("{:<12} {:>8} {:>6} {:>9} {:>6} {:>14} {:>15}".format(*header))
-    for r in results:
-        if "error" in r:
-            print(f"{r['config']:<12} failed: {r['error'].splitlines()[0]}")
-            continue
-        step_ratio = f"{r['step_ms'] / ref['step_ms']:.2f}" if ref else "-"
-        peak_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
-        offloaded = f"{r['offloaded_mib_per_step']:.0f}" if r["config"] in SSDTRAIN else "-"
-        print(
-            f"{r['config']:<12} {r['step_ms']:>8.0f} {step_ratio:>6} {r['peak_mib']:>9.0f} "
-            f"{peak_ratio:>6} {r['after_forward_mib']:>14.0f} {offloaded:>15}"
-        )
+            brief = {k: v for k, v in results[-1].items() if not isinstance(v, (list, dict))}
+            print(f"  {name}: {brief}", file=sys.stderr, flush=True)
+    if args.max_batch:
+        print_max_batch(results, args)
+    else:
+        print_table(results, names[0])
+    print_rates(args.offload_dir)
     total = sum(r["wall_s"] for r in results)
     print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.1f}")
     if args.json:
