@@ -28,9 +28,19 @@ except ImportError as e:
     ) from e
 
 
+try:
+    from torch._subclasses.fake_tensor import unset_fake_temporarily as real_tensors
+except ImportError as e:
+    raise ImportError(
+        f"fxoffload needs torch._subclasses.fake_tensor.unset_fake_temporarily; "
+        f"torch {torch.__version__} lacks it"
+    ) from e
+"""A context in which tensor factories make real tensors even under a fake mode."""
+
+
 def size_hint(value: int | torch.SymInt) -> int:
     """A concrete size for cost decisions; adds no guard under dynamic shapes."""
     return int(_hint(value))
 
 
-__all__ = ["CustomPartitionerFn", "get_hash_for_files", "size_hint"]
+__all__ = ["CustomPartitionerFn", "get_hash_for_files", "real_tensors", "size_hint"]

@@ -46,6 +46,11 @@ read_bytes_per_s: float | None = None
 flops_per_s: float | None = None
 memory_bytes_per_s: float | None = None
 
+# How the cost model times the graph's nodes: "flops" (FLOPs and bytes moved
+# at the device's rates) or "profile" (each graph run once, op by op, on random
+# inputs when it is compiled; see fxoffload/profiling.py).
+cost_model: str = "flops"
+
 # Compiler for the rewritten graphs: "inductor", or "aot_eager" for tests.
 compiler: str = "inductor"
 

@@ -21,10 +21,12 @@ from fxoffload.runtime.engine import EngineConfig
 Policy = Literal["adaptive", "all", "none"]
 Compiler = Literal["inductor", "aot_eager"]
 IOMode = Literal["auto", "direct", "buffered"]
+CostModel = Literal["flops", "profile"]
 
 POLICIES: tuple[str, ...] = ("adaptive", "all", "none")
 COMPILERS: tuple[str, ...] = ("inductor", "aot_eager")
 IO_MODES: tuple[str, ...] = ("auto", "direct", "buffered")
+COST_MODELS: tuple[str, ...] = ("flops", "profile")
 ON_IO_ERROR: tuple[str, ...] = ("keep", "raise")
 RATES: tuple[str, ...] = (
     "write_bytes_per_s",
@@ -65,6 +67,7 @@ class Options:
     read_bytes_per_s: float | None = _default("read_bytes_per_s")
     flops_per_s: float | None = _default("flops_per_s")
     memory_bytes_per_s: float | None = _default("memory_bytes_per_s")
+    cost_model: CostModel = _default("cost_model")
     compiler: Compiler = _default("compiler")
     io_threads: int = _default("io_threads")
     chunk_bytes: int = _default("chunk_bytes")
@@ -82,6 +85,7 @@ class Options:
         object.__setattr__(self, "offload_dir", os.fspath(self.offload_dir))
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("compiler", self.compiler, COMPILERS)
+        _check_choice("cost_model", self.cost_model, COST_MODELS)
         _check_int("min_bytes", self.min_bytes, minimum=0)
         _check_float("io_safety", self.io_safety, minimum=1.0)
         _check_int("prefetch_budget_bytes", self.prefetch_budget_bytes, minimum=0)

@@ -16,6 +16,7 @@ from typing import Any
 import torch.fx as fx
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
+from fxoffload import profiling
 from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
 from fxoffload._logging import log_partition
 from fxoffload.options import Options
@@ -62,6 +63,9 @@ class OffloadPartitioner(CustomPartitionerFn):
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
         fw_gm, bw_gm = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if self.costs is not None and self.options.cost_model == "profile":
+            for graph in (fw_gm, bw_gm):
+                profiling.profile(graph)
         decisions = offload_saved_activations(
             fw_gm,
             bw_gm,

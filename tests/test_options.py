@@ -26,6 +26,7 @@ def compile_and_run(options: dict) -> None:
         ({"read_bytes_per_s": 0}, "'read_bytes_per_s' must be a number > 0.0; got 0"),
         ({"flops_per_s": float("nan")}, "'flops_per_s' must be a number > 0.0; got nan"),
         ({"compiler": "eager"}, "'compiler' must be one of 'inductor', 'aot_eager'"),
+        ({"cost_model": "kernels"}, "'cost_model' must be one of 'flops', 'profile'"),
         ({"min_bytes": -1}, "'min_bytes' must be an integer >= 0; got -1"),
         ({"min_bytes": "1MB"}, "'min_bytes' must be an integer >= 0; got '1MB'"),
         ({"io_threads": 0}, "'io_threads' must be an integer >= 1; got 0"),

@@ -7,6 +7,8 @@ instead, on the real disk.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import tempfile
@@ -22,12 +24,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from training_runs import reproducible
 
 import fxoffload
-from fxoffload import ops
-from fxoffload.backend import device_costs
+from fxoffload import ops, profiling
+from fxoffload.backend import compile_with_offloading, device_costs
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner
 from fxoffload.passes import META_KEY, SavedKind, SavedValue
-from fxoffload.passes.costs import DeviceCosts, node_time, start_times
+from fxoffload.passes.costs import MEASURED_SECONDS, DeviceCosts, node_time, start_times
 from fxoffload.runtime import engine_for, probe
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
@@ -153,6 +155,59 @@ def test_16bit_matmuls_are_costed_at_the_16bit_rate() -> None:
     assert [
         node_time(n, same) for n in gm.graph.nodes if n.target is torch.ops.aten.mm.default
     ] == [pytest.approx(flops / 1e9)] * 2
+
+
+class TestProfile:
+    def test_every_call_is_timed_and_the_times_replace_the_model(self) -> None:
+        gm = make_fx(lambda a: torch.mm(a, a).relu().sum(), tracing_mode="fake")(
+            torch.randn(256, 256)
+        )
+        profiling.profile(gm)
+        calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+        assert len(calls) == 3
+        assert all(n.meta[MEASURED_SECONDS] > 0 for n in calls)
+        costs = DeviceCosts(**{k: 1.0 for k in KNOWN_RATES})  # the model would say hours
+        assert [node_time(n, costs) for n in calls] == [n.meta[MEASURED_SECONDS] for n in calls]
+
+    def test_a_graph_that_cannot_run_on_random_inputs_keeps_the_model(self) -> None:
+        def checks_its_input(x: torch.Tensor) -> torch.Tensor:
+            torch._assert_async(x.sum() > 1e9)  # false for random inputs
+            return x.relu()
+
+        gm = make_fx(checks_its_input, tracing_mode="fake")(torch.randn(8))
+        with pytest.warns(RuntimeWarning, match=r"could not profile .*_assert_async"):
+            profiling.profile(gm)
+        assert not any(MEASURED_SECONDS in n.meta for n in gm.graph.nodes)
+
+    @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+    def test_profiled_adaptive_training_is_bitwise_equal_to_none(self, compiler, tmp_path) -> None:
+        torch.manual_seed(0)
+        model = LayerStack(6)
+        xs = [torch.randn(64, 256) for _ in range(2)]
+        runs = {}
+        found: list = []
+        with reproducible(compiler):
+            for policy in ("none", "adaptive"):
+                torch._dynamo.reset()
+                m = copy.deepcopy(model)
+                opts = Options(
+                    **options(str(tmp_path), policy=policy, compiler=compiler, cost_model="profile")
+                )
+                backend = functools.partial(
+                    compile_with_offloading, options=opts, on_partition=found.append
+                )
+                compiled = torch.compile(m, backend=backend)
+                run = []
+                for x in xs:
+                    m.zero_grad()
+                    loss = compiled(x)
+                    loss.backward()
+                    run += [loss.detach(), *(p.grad.clone() for p in m.parameters())]
+                runs[policy] = run
+        assert all(torch.equal(a, b) for a, b in zip(runs["none"], runs["adaptive"], strict=True))
+        # The last partition is adaptive's: each activation's reason gives its margins.
+        reasons = [d.reason for d in found[-1].decisions if d.kind is SavedKind.ACTIVATION]
+        assert reasons and all("hidden" in r or "would end" in r for r in reasons)
 
 
 def backward_graph(

@@ -7,7 +7,9 @@ running it). The FLOP rate is the node's dtype's: 16-bit matmuls (autocast)
 run several times faster than float32 ones on accelerators. FLOPs come from
 ``torch.utils.flop_counter``'s formulas (matmuls, convolutions, attention);
 other ops count as memory-bound. Sizes are shape hints, so dynamic shapes
-plan for the example sizes and add no guard. The planner only compares these
+plan for the example sizes and add no guard. With ``cost_model="profile"``
+a node's measured time (``profiling.py``) replaces the model's. The planner
+only compares these
 times with transfer times, so a uniform error in either shifts decisions, it
 does not break them; the ``io_safety`` factor covers the rest.
 """
@@ -51,14 +53,22 @@ class DeviceCosts:
 
 _FREE_OPS = (ops.store, ops.prefetch, ops.wait, operator.getitem)
 
+MEASURED_SECONDS = "fxoffload_measured_seconds"
+"""``node.meta`` key of a node's measured time (``cost_model="profile"``, ``profiling.py``)."""
+
 
 def node_time(node: fx.Node, costs: DeviceCosts) -> float:
-    """Modelled seconds to run ``node``; placeholders, outputs and views cost nothing."""
+    """Seconds to run ``node``: measured if profiled, else modelled.
+
+    Placeholders, outputs, views and our own ops cost nothing.
+    """
     if node.op != "call_function" or node.target in _FREE_OPS:
         return 0.0
     target = node.target
     if isinstance(target, torch._ops.OpOverload) and target.is_view:
         return 0.0
+    if MEASURED_SECONDS in node.meta:
+        return node.meta[MEASURED_SECONDS]
     moved = sum(tensor_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
     flops = _flops(node)
     if not flops:
