@@ -32,7 +32,7 @@ from ``--batch`` and then bisecting, two steps per try, with the batch
 dimension dynamic so each configuration compiles once; then tokens per second
 at that batch (median of ``--steps``). On CUDA a try fails when it runs out of
 memory (the limit is set with ``set_per_process_memory_fraction``); on CPU,
-when its peak memory exceeds the limit.
+when its peak memory (above what is in use after zero_grad) exceeds it.
 
 On CPU memory is the process RSS. The child starts with
 ``MALLOC_MMAP_THRESHOLD_=65536``: glibc mmaps every allocation of 64 KiB and up

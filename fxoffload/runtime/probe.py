@@ -63,11 +63,13 @@ def disk_rates(engine: Engine) -> tuple[float, float]:
 def compute_rates(root: str, device: torch.device) -> tuple[float, float, float]:
     """(FLOP/s, 16-bit FLOP/s, memory bytes/s) of ``device``, cached under ``root``.
 
-    Matmuls in bfloat16 or float16 (autocast) run several times faster than in
-    float32 on accelerators (about ten times on an H100), so a plan made with
-    the float32 rate alone would think a bf16 forward pass ten times longer
-    than it is. The float32 rate depends on ``torch.get_float32_matmul_precision()``,
-    so that is part of the cache key; on the CPU, so is the thread count.
+    Matmuls in bfloat16 or float16 (autocast) can run many times faster than
+    in float32 (about 15x on an H100 at full float32 precision, by its
+    datasheet; 1.25x measured on an H200 whose float32 matmuls ran at TF32
+    speed), and a plan made with the float32 rate alone thinks a bf16 forward
+    pass that much longer than it is. The float32 rate depends on
+    ``torch.get_float32_matmul_precision()``, so that is part of the cache key;
+    on the CPU, so is the thread count.
     """
     precision = torch.get_float32_matmul_precision()
     if device.type == "cuda":
