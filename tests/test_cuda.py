@@ -9,11 +9,11 @@ from __future__ import annotations
 import copy
 import json
 import threading
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import block_io_thread, written
 from training_runs import reproducible
 
 import fxoffload
@@ -27,13 +27,6 @@ def engine(tmp_path):
     engine = Engine(str(tmp_path), EngineConfig(chunk_bytes=1 << 20, io_threads=1))
     yield engine
     engine.close()
-
-
-def written(engine: Engine) -> None:
-    deadline = time.monotonic() + 10
-    while engine.inflight_bytes and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert engine.inflight_bytes == 0
 
 
 @pytest.mark.parametrize("stream", ["default", "side"])
@@ -56,8 +49,7 @@ def test_round_trip_on_the_callers_stream_keeps_layout_and_bytes(engine, stream:
 
 
 def test_wait_before_the_write_finishes_copies_to_the_device_without_waiting(engine) -> None:
-    gate = threading.Event()
-    engine._pool.submit(gate.wait)  # the one I/O thread is busy: the write waits
+    gate = block_io_thread(engine)  # the write waits
     t = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16)
     expected = t.clone()
     handle = engine.store(t)

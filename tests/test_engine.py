@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from engine_helpers import block_io_thread, written
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig
@@ -27,21 +28,6 @@ def make_engine(tmp_path):
     yield make
     for engine in made:
         engine.close()
-
-
-def written(engine: Engine) -> None:
-    """Wait until no store is waiting for its write."""
-    deadline = time.monotonic() + 10
-    while engine.inflight_bytes and time.monotonic() < deadline:
-        time.sleep(0.001)
-    assert engine.inflight_bytes == 0
-
-
-def block_io_thread(engine: Engine) -> threading.Event:
-    """Occupy the engine's only I/O thread until the returned event is set."""
-    gate = threading.Event()
-    engine._pool.submit(gate.wait)
-    return gate
 
 
 def delta(before: fxoffload.OffloadStats, field: str) -> int:
