@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from engine_helpers import block_io_thread, written
-from training_runs import reproducible
+from training_runs import losses_and_grads, reproducible
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig, probe
@@ -121,14 +121,13 @@ def test_autocast_training_is_bitwise_equal_to_none(tmp_path, compiler: str) -> 
             if policy == "all":
                 options["min_bytes"] = 0
             compiled = torch.compile(m, backend="ssdtrain", options=options)
-            before = fxoffload.stats()
-            run = []
-            for x in xs:
-                m.zero_grad()
+
+            def loss_of(x: torch.Tensor, compiled=compiled) -> torch.Tensor:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = compiled(x).float().square().mean()
-                loss.backward()
-                run += [loss.detach(), *(p.grad.clone() for p in m.parameters())]
+                    return compiled(x).float().square().mean()
+
+            before = fxoffload.stats()
+            run = losses_and_grads(m, loss_of, xs)
             runs[policy] = (run, fxoffload.stats().bytes_written - before.bytes_written)
     reference, _ = runs["none"]
     for policy in ("all", "adaptive"):

@@ -21,7 +21,7 @@ from known_rates import KNOWN_RATES
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch.fx.experimental.proxy_tensor import make_fx
-from training_runs import reproducible
+from training_runs import losses_and_grads, reproducible
 
 import fxoffload
 from fxoffload import ops, profiling
@@ -196,14 +196,7 @@ class TestProfile:
                 backend = functools.partial(
                     compile_with_offloading, options=opts, on_partition=found.append
                 )
-                compiled = torch.compile(m, backend=backend)
-                run = []
-                for x in xs:
-                    m.zero_grad()
-                    loss = compiled(x)
-                    loss.backward()
-                    run += [loss.detach(), *(p.grad.clone() for p in m.parameters())]
-                runs[policy] = run
+                runs[policy] = losses_and_grads(m, torch.compile(m, backend=backend), xs)
         assert all(torch.equal(a, b) for a, b in zip(runs["none"], runs["adaptive"], strict=True))
         # The last partition is adaptive's: each activation's reason gives its margins.
         reasons = [d.reason for d in found[-1].decisions if d.kind is SavedKind.ACTIVATION]
@@ -289,13 +282,7 @@ def test_adaptive_training_is_bitwise_equal_to_none(compiler: str, tmp_path) -> 
             slow = {"write_bytes_per_s": 1e7, "read_bytes_per_s": 1e7}
             opts = options(str(tmp_path), policy=policy, compiler=compiler, **slow)
             compiled = torch.compile(model, backend="ssdtrain", options=opts)
-            run = []
-            for x in batches:
-                model.zero_grad()
-                loss = compiled(x)
-                loss.backward()
-                run += [loss.detach(), *(p.grad.clone() for p in model.parameters())]
-            results[policy] = (run, fxoffload.stats())
+            results[policy] = (losses_and_grads(model, compiled, batches), fxoffload.stats())
     for a, b in zip(results["none"][0], results["adaptive"][0], strict=True):
         assert torch.equal(a, b)
     assert results["none"][1].tensors_stored == 0
@@ -323,14 +310,12 @@ def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
         torch._dynamo.reset()
         backend = Counting(options(str(tmp_path), policy=policy))
         compiled = torch.compile(model, backend=backend, dynamic=True)
-        run = []
-        for rows in (64, 96):
-            model.zero_grad()
-            loss = compiled(torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows)))
-            loss.backward()
-            run += [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+        batches = [
+            torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+            for rows in (64, 96)
+        ]
+        results[policy] = losses_and_grads(model, compiled, batches)
         assert backend.compiles == 1
-        results[policy] = run
     for a, b in zip(results["none"], results["adaptive"], strict=True):
         assert torch.equal(a, b)
 

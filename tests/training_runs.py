@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -42,6 +42,22 @@ def reproducible(compiler: str) -> Iterator[None]:
             yield
     finally:
         torch.set_num_threads(threads)
+
+
+def losses_and_grads(
+    model: torch.nn.Module,
+    loss_of: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[torch.Tensor],
+) -> list[torch.Tensor]:
+    """One training step per batch (``loss_of`` runs the compiled forward); each step's
+    loss, then each parameter's grad, in one flat list for bitwise comparison."""
+    out: list[torch.Tensor] = []
+    for x in batches:
+        model.zero_grad()
+        loss = loss_of(x)
+        loss.backward()
+        out += [loss.detach(), *(p.grad.clone() for p in model.parameters())]
+    return out
 
 
 def assert_runs_equal(a: Run, b: Run) -> None:
