@@ -9,9 +9,9 @@ run several times faster than float32 ones on accelerators. FLOPs come from
 other ops count as memory-bound. Sizes are shape hints, so dynamic shapes
 plan for the example sizes and add no guard. With ``cost_model="profile"``
 a node's measured time (``profiling.py``) replaces the model's. The planner
-only compares these
-times with transfer times, so a uniform error in either shifts decisions, it
-does not break them; the ``io_safety`` factor covers the rest.
+only compares these times with transfer times, so a uniform error in either
+shifts decisions, it does not break them; the ``io_safety`` factor covers the
+rest.
 """
 
 from __future__ import annotations
@@ -70,11 +70,8 @@ def node_time(node: fx.Node, costs: DeviceCosts) -> float:
     if MEASURED_SECONDS in node.meta:
         return node.meta[MEASURED_SECONDS]
     moved = sum(tensor_nbytes(t) for t in _tensors((node.args, node.kwargs, node.meta.get("val"))))
-    flops = _flops(node)
-    if not flops:
-        return moved / costs.memory_bytes_per_s
     rate = costs.flop_rate(getattr(node.meta.get("val"), "dtype", None))
-    return flops / rate + moved / costs.memory_bytes_per_s
+    return _flops(node) / rate + moved / costs.memory_bytes_per_s
 
 
 def start_times(graph: fx.Graph, costs: DeviceCosts) -> dict[fx.Node, float]:

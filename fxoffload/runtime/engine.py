@@ -285,9 +285,9 @@ class Engine:
         backward's ``wait`` is often called before a write that only started
         once the device reached the store's copy. (On the H200 benchmark,
         before this path, backward blocked 22-25 ms per step, about the time
-        its 40 MiB of writes took.) The copy is queued on the current stream after the
-        store's copy into the buffer (``copied``); a buffer used so is left to
-        the caching host allocator, which tracks that copy, not pooled.
+        its 40 MiB of writes took.) The copy is queued on the current stream
+        after the store's copy into the buffer (``copied``); a buffer used so is
+        left to the caching host allocator, which tracks that copy, not pooled.
         """
         assert entry.copied is not None
         torch.cuda.current_stream(entry.device).wait_event(entry.copied)
