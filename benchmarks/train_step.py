@@ -324,11 +324,15 @@ def run_child_max_batch(args: argparse.Namespace, name: str) -> dict:
         torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), index)
     tries: dict[int, bool] = {}
 
-    def fits(size: int, steps: int = 2) -> list[float] | None:
-        """Step times of ``steps`` steps at batch ``size``, or None if it does not fit."""
+    def dynamic_batch(size: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx, targets = trainer.batch(args, size)
         torch._dynamo.mark_dynamic(idx, 0)
         torch._dynamo.mark_dynamic(targets, 0)
+        return idx, targets
+
+    def fits(size: int, steps: int = 2) -> list[float] | None:
+        """Step times of ``steps`` steps at batch ``size``, or None if it does not fit."""
+        idx, targets = dynamic_batch(size)
         try:
             stats = [trainer.step(idx, targets) for _ in range(steps)]
         except RuntimeError as e:  # torch.OutOfMemoryError, or it wrapped by a compiler layer
@@ -344,11 +348,7 @@ def run_child_max_batch(args: argparse.Namespace, name: str) -> dict:
         tries[size] = ok
         return [s[0] for s in stats] if ok else None
 
-    idx, targets = trainer.batch(args, args.batch)  # compile first: its memory is no step's
-    torch._dynamo.mark_dynamic(idx, 0)
-    torch._dynamo.mark_dynamic(targets, 0)
-    trainer.step(idx, targets)
-    del idx, targets
+    trainer.step(*dynamic_batch(args.batch))  # compile first: its memory is no step's
     low, high = 0, args.batch
     while high <= args.max_batch_limit and fits(high):
         low, high = high, high * 2
@@ -358,7 +358,7 @@ def run_child_max_batch(args: argparse.Namespace, name: str) -> dict:
     result = {"config": name, "max_batch": low, "tries": tries, "limit_gib": args.memory_limit_gib}
     if low:
         times = fits(low, args.steps)
-        if times is None:  # fitted once, not again (fragmentation): report the next size down
+        if times is None:  # fitted once, not again (fragmentation): no throughput to report
             result["refit_failed"] = True
         else:
             result["step_ms"] = statistics.median(times) * 1e3
