@@ -5,7 +5,11 @@ In one run, against the offload directory's device:
 1. raw: one large sequential O_DIRECT write, then read, of ``--total-mib``;
 2. engine: ``store`` of tensors of 1, 4, 16 and 64 MiB moving the same total
    (copy into staging included, timed until every write landed), then
-   ``prefetch`` + ``wait`` of all of them; each as GB/s and as a ratio to raw;
+   ``prefetch`` + ``wait`` of all of them; each as GB/s and as a ratio to raw.
+   A cloud disk's speed drifts (on the development machine by 2x within a
+   minute), so each engine measurement is paired with a raw one taken just
+   before it, ``--repeats`` times per size, and the table gives the median
+   and range of those paired ratios;
 3. a training step of a model with large, cheap activations under
    ``policy="all"`` vs ``policy="none"`` (same compile otherwise): the median
    step time ratio and the effective bandwidth, bytes offloaded per step
@@ -15,7 +19,7 @@ In one run, against the offload directory's device:
 defaults were chosen. Run from the repository root::
 
     python benchmarks/io_bandwidth.py [--dir /nvme/x] [--total-mib 1024] [--sweep] \\
-        [--device cuda] [--no-step]
+        [--device cuda] [--no-step] [--repeats 3]
 
 ``--device cuda`` stores tensors that live on the GPU: the engine's numbers
 then include the copies through pinned memory, and GPU Direct Storage
@@ -190,6 +194,11 @@ def step_times(
     return statistics.median(times), (fxoffload.stats().bytes_written - before) // steps
 
 
+def spread(values) -> str:
+    """``median [min-max]`` of a few measurements."""
+    return f"{statistics.median(values):.2f} [{min(values):.2f}-{max(values):.2f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="offload directory")
@@ -209,32 +218,45 @@ def main() -> None:
         "--device", default="cpu", help="where the stored tensors live (cuda: via pinned memory)"
     )
     parser.add_argument("--no-step", action="store_true", help="skip the training-step part")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="paired raw/engine measurements per tensor size"
+    )
     args = parser.parse_args()
     total = args.total_mib * MiB
     device = torch.device(args.device)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
-        raw_w, raw_r, direct = raw_bandwidth(work, total)
         print(f"fxoffload I/O benchmark: dir={args.dir} torch={torch.__version__}")
-        print(
-            f"raw sequential ({'O_DIRECT' if direct else 'buffered'}, {args.total_mib} MiB):"
-            f" write {raw_w:.2f} GB/s, read {raw_r:.2f} GB/s"
-        )
         config = EngineConfig(
             io_threads=args.io_threads, chunk_bytes=args.chunk_mib * MiB, verify=args.verify
         )
         print(
             f"engine (io_threads={config.io_threads}, chunk={args.chunk_mib} MiB, "
-            f"verify={config.verify}, tensors on {device}):"
+            f"verify={config.verify}, tensors on {device}), {args.total_mib} MiB per "
+            f"measurement, ratio to the raw run just before it, median [range] of {args.repeats}:"
         )
-        print(f"{'tensor':>8} {'store GB/s':>11} {'/raw':>6} {'load GB/s':>10} {'/raw':>6}")
+        print(f"{'tensor':>8} {'store GB/s':>11} {'/raw':>17} {'load GB/s':>10} {'/raw':>17}")
+        raws = []
         for size_mib in (1, 4, 16, 64):
-            store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config, device)
+            rows = []
+            for _ in range(args.repeats):
+                raw_w, raw_r, direct = raw_bandwidth(work, total)
+                store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config, device)
+                raws.append((raw_w, raw_r))
+                rows.append((store, store / raw_w, load, load / raw_r, waits))
+            columns = list(zip(*rows))
+            waits = sum(columns[4])
             note = f"  ({waits} store waits)" if waits else ""
             print(
-                f"{size_mib:>5} MiB {store:>11.2f} {store / raw_w:>6.2f} "
-                f"{load:>10.2f} {load / raw_r:>6.2f}{note}"
+                f"{size_mib:>5} MiB {statistics.median(columns[0]):>11.2f} {spread(columns[1]):>17} "
+                f"{statistics.median(columns[2]):>10.2f} {spread(columns[3]):>17}{note}"
             )
+        raw_w = statistics.median([w for w, _ in raws])
+        raw_r = statistics.median([r for _, r in raws])
+        print(
+            f"raw sequential ({'O_DIRECT' if direct else 'buffered'}): write "
+            f"{spread([w for w, _ in raws])} GB/s, read {spread([r for _, r in raws])} GB/s"
+        )
 
         if device.type == "cuda":
             d2h, h2d = pcie_bandwidth(total)

@@ -66,7 +66,7 @@ max_inflight_bytes: int = 1 << 30
 # "direct" (O_DIRECT), "buffered", or "auto" (direct where supported).
 io_mode: str = "auto"
 
-# CRC-32 every chunk on write and check it on read.
+# Checksum every chunk on write and check it on read (runtime/checksum.py).
 verify: bool = True
 
 # Staging buffers whose write finished are kept for reuse up to this many

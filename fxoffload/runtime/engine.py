@@ -34,7 +34,6 @@ import shutil
 import threading
 import time
 import warnings
-import zlib
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -42,6 +41,7 @@ import torch
 
 from fxoffload import config
 from fxoffload.runtime import private_dir, stats
+from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.offload_file import OffloadFile, as_memoryview
 from fxoffload.runtime.slots import Slot
@@ -153,7 +153,7 @@ class _Entry:
     read: _Transfer | None = None
     released: bool = False
     checksums: list[int] = dataclasses.field(default_factory=list)
-    """CRC-32 of each written chunk, when verifying."""
+    """The checksum of each written chunk (``checksum.py``), when verifying."""
 
 
 class Engine:
@@ -423,7 +423,7 @@ class Engine:
                 copied.synchronize()
             self.file.write(view, offset)
             if self.config.verify:
-                entry.checksums[i] = zlib.crc32(view)
+                entry.checksums[i] = checksum(view)
         except BaseException as err:  # reported through the transfer
             transfer.chunk_done(err)
             return
@@ -492,7 +492,7 @@ class Engine:
     ) -> None:
         try:
             self.file.read(view, offset)
-            if self.config.verify and zlib.crc32(view) != entry.checksums[i]:
+            if self.config.verify and checksum(view) != entry.checksums[i]:
                 raise OSError(
                     errno.EIO,
                     f"bytes {offset}-{offset + len(view)} differ from what was written "
