@@ -238,18 +238,20 @@ def main() -> None:
         print(f"{'tensor':>8} {'store GB/s':>11} {'/raw':>17} {'load GB/s':>10} {'/raw':>17}")
         raws = []
         for size_mib in (1, 4, 16, 64):
-            rows = []
+            stores, store_ratios, loads, load_ratios, waits = [], [], [], [], 0
             for _ in range(args.repeats):
                 raw_w, raw_r, direct = raw_bandwidth(work, total)
-                store, load, waits = engine_bandwidth(work, size_mib * MiB, total, config, device)
+                store, load, w = engine_bandwidth(work, size_mib * MiB, total, config, device)
                 raws.append((raw_w, raw_r))
-                rows.append((store, store / raw_w, load, load / raw_r, waits))
-            columns = list(zip(*rows))
-            waits = sum(columns[4])
+                stores.append(store)
+                store_ratios.append(store / raw_w)
+                loads.append(load)
+                load_ratios.append(load / raw_r)
+                waits += w
             note = f"  ({waits} store waits)" if waits else ""
             print(
-                f"{size_mib:>5} MiB {statistics.median(columns[0]):>11.2f} {spread(columns[1]):>17} "
-                f"{statistics.median(columns[2]):>10.2f} {spread(columns[3]):>17}{note}"
+                f"{size_mib:>5} MiB {statistics.median(stores):>11.2f} {spread(store_ratios):>17} "
+                f"{statistics.median(loads):>10.2f} {spread(load_ratios):>17}{note}"
             )
         raw_w = statistics.median([w for w, _ in raws])
         raw_r = statistics.median([r for _, r in raws])

@@ -23,8 +23,17 @@ timed step.
 "stall ms/step" is the time backward's waits blocked the host on I/O not
 finished in time (``fxoffload.stats().wait_stall_ns``; on a GPU the device may
 still be busy meanwhile), "forwarded/step" the waits served from memory without a
-read (``tensors_forwarded``); "fwd ms" the median forward time.
+read (``tensors_forwarded``); "fwd ms" the median forward time. "cpu ms" is
+the process's CPU time in a step, all threads (median), "io cpu ms" that of
+fxoffload's I/O threads alone (mean; Linux): on a machine whose cores all
+compute, the I/O's CPU time comes out of training's.
 ``--autocast`` runs forward under ``torch.autocast`` in bfloat16.
+
+``--rounds N`` runs every configuration N times, all of them in turn each
+round, and prints medians over the rounds; each ratio is taken to the first
+configuration of its own round and printed as median [min-max]. On the
+development VM the speed of the whole machine drifted by a third between
+processes a minute apart, which one round cannot tell from offloading's cost.
 
 ``--max-batch`` answers a different question: the largest micro-batch that
 trains in ``--memory-limit-gib`` (default: the whole device), found by doubling
@@ -50,7 +59,7 @@ a warm inductor cache, 3 cold)::
 
     python benchmarks/train_step.py [--configs none,all] [--option min_bytes=0] \\
         [--offload-dir /nvme/x] [--json out.json] [--plot out.png] [--autocast] \\
-        [--max-batch --memory-limit-gib 32]
+        [--rounds 3] [--max-batch --memory-limit-gib 32]
 
 ``--plot`` (``pip install '.[plot]'``) draws the memory of none, adaptive and
 all over one more step, sampled every 1 ms.
@@ -140,6 +149,20 @@ class Sampler(threading.Thread):
         self.done.set()
         self.join()
         return self.samples
+
+
+def io_thread_cpu_seconds() -> float:
+    """CPU time used so far by fxoffload's I/O threads (Linux ``/proc``; 0 elsewhere)."""
+    ticks = 0
+    for thread in threading.enumerate():
+        if thread.name.startswith("fxoffload-io"):
+            try:
+                with open(f"/proc/self/task/{thread.native_id}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # the thread ended, or no /proc
+                continue
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def vm_status(key: str) -> int:
@@ -244,6 +267,7 @@ class Trainer:
         if self.exact_rss:
             libc.malloc_trim(0)  # heap memory freed earlier goes back to the OS
         self.sync()
+        cpu_start, io_start = time.process_time(), io_thread_cpu_seconds()
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self.meter.reset_peak()
@@ -259,6 +283,8 @@ class Trainer:
         self.optimizer.step()
         self.sync()
         seconds = time.perf_counter() - start
+        self.cpu_seconds = time.process_time() - cpu_start
+        self.io_cpu_seconds = io_thread_cpu_seconds() - io_start
         if marks is not None:
             marks.update(start=start, forward_end=forward_end, before=before)
         return seconds, forward_end - start, self.meter.peak() - before, after_forward
@@ -298,9 +324,12 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
         trainer.exact_rss = False
         trainer.step(idx, targets)
     before = fxoffload.stats()
-    times, forward_times, _, _ = zip(
-        *(trainer.step(idx, targets) for _ in range(args.steps)), strict=True
-    )
+    timed, cpu, io_cpu = [], [], []
+    for _ in range(args.steps):
+        timed.append(trainer.step(idx, targets))
+        cpu.append(trainer.cpu_seconds)
+        io_cpu.append(trainer.io_cpu_seconds)
+    times, forward_times, _, _ = zip(*timed, strict=True)
     after = fxoffload.stats()
     result.update(
         step_ms=statistics.median(times) * 1e3,
@@ -310,6 +339,8 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
         forwarded_per_step=(after.tensors_forwarded - before.tensors_forwarded) / args.steps,
         store_wait_ms_per_step=(after.store_wait_ns - before.store_wait_ns) / args.steps / 1e6,
         step_ms_all=[t * 1e3 for t in times],
+        cpu_ms=statistics.median(cpu) * 1e3,
+        io_cpu_ms_per_step=sum(io_cpu) / args.steps * 1e3,
     )
     return result
 
@@ -391,29 +422,72 @@ def spawn(name: str, device: str, result_path: str) -> dict:
     return {**result, "wall_s": time.perf_counter() - start}
 
 
-def print_table(results: list[dict], reference: str) -> None:
+def combine(rounds: list[list[dict]]) -> list[dict]:
+    """One row per configuration over the rounds: the median of each figure, and
+    the ratios of step time and peak to the first configuration of the same
+    round (the machine's speed drifts between rounds more than within one).
+
+    A configuration that failed in any round shows that round's error.
+    """
+    rows = []
+    for runs in zip(*rounds, strict=True):
+        failed = [run for run in runs if "error" in run]
+        if failed:
+            rows.append(failed[0])
+            continue
+        medians = {
+            key: statistics.median(run[key] for run in runs)
+            for key, value in runs[0].items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        row = {**runs[-1], **medians}
+        refs = [rnd[0] for rnd in rounds]
+        if not any("error" in ref for ref in refs):
+            for key in ("step_ms", "peak_mib"):
+                row[key + "_ratios"] = [
+                    run[key] / ref[key] for run, ref in zip(runs, refs, strict=True)
+                ]
+        rows.append(row)
+    return rows
+
+
+def ratio_text(ratios: list[float] | None) -> str:
+    """``median`` of one or more ratios, with ``[min-max]`` when there are several."""
+    if not ratios:
+        return "-"
+    text = f"{statistics.median(ratios):.2f}"
+    return text + (f" [{min(ratios):.2f}-{max(ratios):.2f}]" if len(ratios) > 1 else "")
+
+
+def print_table(results: list[dict], reference: str, rounds: int) -> None:
     methods = {r["memory_method"] for r in results if "memory_method" in r}
-    print(f"memory: {', '.join(sorted(methods)) or '?'}; ratios are to {reference}")
-    ref = results[0] if "error" not in results[0] else None
+    print(f"memory: {', '.join(sorted(methods)) or '?'}; ratios are to {reference}", end="")
+    print(f" in the same round, median [range] of {rounds} rounds" if rounds > 1 else "")
+    width = 17 if rounds > 1 else 6
     header = (
-        "config", "step ms", "ratio", "fwd ms", "peak MiB", "ratio", "after-fwd MiB",
-        "offl. MiB/step", "stall ms/step", "forwarded/step",
+        "config", "step ms", "ratio", "fwd ms", "cpu ms", "peak MiB", "ratio",
+        "after-fwd MiB", "offl. MiB/step", "stall ms/step", "forwarded/step", "io cpu ms",
     )  # fmt: skip
-    print("{:<12} {:>8} {:>6} {:>7} {:>9} {:>6} {:>14} {:>15} {:>14} {:>14}".format(*header))
+    print(
+        f"{{:<12}} {{:>8}} {{:>{width}}} {{:>7}} {{:>7}} {{:>9}} {{:>{width}}} {{:>14}} "
+        "{:>15} {:>14} {:>14} {:>10}".format(*header)
+    )
     for r in results:
         if "error" in r:
             print(f"{r['config']:<12} failed: {r['error'].splitlines()[0]}")
             continue
-        step_ratio = f"{r['step_ms'] / ref['step_ms']:.2f}" if ref else "-"
-        peak_ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}" if ref else "-"
+        step_ratio = ratio_text(r.get("step_ms_ratios"))
+        peak_ratio = ratio_text(r.get("peak_mib_ratios"))
         ours = r["config"] in SSDTRAIN
         offloaded = f"{r['offloaded_mib_per_step']:.0f}" if ours else "-"
         stall = f"{r['stall_ms_per_step']:.1f}" if ours else "-"
         forwarded = f"{r['forwarded_per_step']:.0f}" if ours else "-"
+        io_cpu = f"{r['io_cpu_ms_per_step']:.0f}" if ours else "-"
         print(
-            f"{r['config']:<12} {r['step_ms']:>8.0f} {step_ratio:>6} {r['forward_ms']:>7.0f} "
-            f"{r['peak_mib']:>9.0f} {peak_ratio:>6} {r['after_forward_mib']:>14.0f} "
-            f"{offloaded:>15} {stall:>14} {forwarded:>14}"
+            f"{r['config']:<12} {r['step_ms']:>8.0f} {step_ratio:>{width}} "
+            f"{r['forward_ms']:>7.0f} {r['cpu_ms']:>7.0f} {r['peak_mib']:>9.0f} "
+            f"{peak_ratio:>{width}} {r['after_forward_mib']:>14.0f} {offloaded:>15} "
+            f"{stall:>14} {forwarded:>14} {io_cpu:>10}"
         )
 
 
@@ -470,6 +544,9 @@ def main() -> None:
     for key, default in MODEL.items():  # --batch is the micro-batch: sequences per step
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=default)
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run all configurations this many times, in turn"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps (compile)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -503,6 +580,8 @@ def main() -> None:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     if not names or any(n not in CONFIGS for n in names):
         parser.error(f"--configs: choose from {', '.join(CONFIGS)}")
+    if args.rounds < 1 or (args.max_batch and args.rounds > 1):
+        parser.error("--rounds: a positive count, and 1 with --max-batch")
     if any("=" not in o for o in args.option):
         parser.error("--option takes KEY=VALUE")
     if args.plot:
@@ -524,22 +603,27 @@ def main() -> None:
         flush=True,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for name in names:
-            print(f"  running {name} ...", file=sys.stderr, flush=True)
-            results.append(spawn(name, args.device, os.path.join(tmp, f"{name}.json")))
-            brief = {k: v for k, v in results[-1].items() if not isinstance(v, (list, dict))}
-            print(f"  {name}: {brief}", file=sys.stderr, flush=True)
+        rounds = []
+        for round_ in range(args.rounds):
+            results = []
+            for name in names:
+                print(f"  running {name} ...", file=sys.stderr, flush=True)
+                path = os.path.join(tmp, f"{name}-{round_}.json")
+                results.append(spawn(name, args.device, path))
+                brief = {k: v for k, v in results[-1].items() if not isinstance(v, (list, dict))}
+                print(f"  {name}: {brief}", file=sys.stderr, flush=True)
+            rounds.append(results)
     if args.max_batch:
         print_max_batch(results, args)
     else:
-        print_table(results, names[0])
+        results = combine(rounds)
+        print_table(results, names[0], args.rounds)
     print_rates(args.offload_dir)
-    total = sum(r["wall_s"] for r in results)
+    total = sum(r["wall_s"] for rnd in rounds for r in rnd)
     print(f"total {total:.0f} s; load average now {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({**info, "model": model, "results": results}, f, indent=1)
+            json.dump({**info, "model": model, "rounds": rounds}, f, indent=1)
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
