@@ -35,6 +35,11 @@ configuration of its own round and printed as median [min-max]. On the
 development VM the speed of the whole machine drifted by a third between
 processes a minute apart, which one round cannot tell from offloading's cost.
 
+``--interleave`` trades memory figures for steadier step-time ratios: the
+configurations (``none``, ``adaptive``, ``all``, ``recompute``) are compiled in
+this one process and their timed steps alternated; each step's ratio is to the
+reference step just before it, and the median of those ratios is printed.
+
 ``--max-batch`` answers a different question: the largest micro-batch that
 trains in ``--memory-limit-gib`` (default: the whole device), found by doubling
 from ``--batch`` and then bisecting, two steps per try, with the batch
@@ -59,7 +64,7 @@ a warm inductor cache, 3 cold)::
 
     python benchmarks/train_step.py [--configs none,all] [--option min_bytes=0] \\
         [--offload-dir /nvme/x] [--json out.json] [--plot out.png] [--autocast] \\
-        [--rounds 3] [--max-batch --memory-limit-gib 32]
+        [--rounds 3] [--interleave] [--max-batch --memory-limit-gib 32]
 
 ``--plot`` (``pip install '.[plot]'``) draws the memory of none, adaptive and
 all over one more step, sampled every 1 ms.
@@ -345,6 +350,38 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
     return result
 
 
+INTERLEAVABLE = (*SSDTRAIN, "recompute")  # no global config of their own
+
+
+def run_interleaved(args: argparse.Namespace, names: list[str]) -> None:
+    """All configurations compiled in this one process, their steps alternated.
+
+    Step times only (memory is the process's, shared). Each ratio pairs a step
+    with the reference's step just before it, so a machine whose speed drifts
+    affects both alike; the median of those paired ratios is printed.
+    """
+    trainers = {name: Trainer(args, name) for name in names}
+    idx, targets = trainers[names[0]].batch(args, args.batch)
+    for trainer in trainers.values():
+        for _ in range(args.warmup):
+            trainer.step(idx, targets)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.steps):
+        for name, trainer in trainers.items():
+            times[name].append(trainer.step(idx, targets)[0])
+            cpu[name].append(trainer.cpu_seconds)
+    reference = times[names[0]]
+    print(f"{args.steps} alternated steps in one process; ratios paired with {names[0]}'s step")
+    print("{:<12} {:>8} {:>17} {:>7}".format("config", "step ms", "ratio", "cpu ms"))
+    for name in names:
+        paired = [t / ref for t, ref in zip(times[name], reference, strict=True)]
+        print(
+            f"{name:<12} {statistics.median(times[name]) * 1e3:>8.0f} "
+            f"{ratio_text(paired):>17} {statistics.median(cpu[name]) * 1e3:>7.0f}"
+        )
+
+
 def run_child_max_batch(args: argparse.Namespace, name: str) -> dict:
     """The largest micro-batch that fits ``--memory-limit-gib``, and tokens/s at it."""
     trainer = Trainer(args, name)
@@ -547,6 +584,9 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=1, help="run all configurations this many times, in turn"
     )
+    parser.add_argument(
+        "--interleave", action="store_true", help="step times only, all configs in one process"
+    )
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps (compile)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -590,6 +630,8 @@ def main() -> None:
         except ImportError:
             sys.exit("--plot needs matplotlib: pip install '.[plot]'")
 
+    if args.interleave and (args.max_batch or any(n not in INTERLEAVABLE for n in names)):
+        parser.error(f"--interleave: configurations from {', '.join(INTERLEAVABLE)} only")
     model = {key: getattr(args, key) for key in MODEL}
     with torch.device("meta"):
         params = sum(p.numel() for p in GPT(args).parameters())
@@ -602,6 +644,9 @@ def main() -> None:
         + (", bfloat16 autocast" if args.autocast else ""),
         flush=True,
     )
+    if args.interleave:
+        run_interleaved(args, names)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         rounds = []
         for round_ in range(args.rounds):
