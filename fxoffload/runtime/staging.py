@@ -39,8 +39,12 @@ class StagingPool:
         with self._lock:
             return self._held
 
-    def take(self, nbytes: int, *, pin_memory: bool) -> torch.Tensor:
-        """A buffer of ``nbytes`` rounded up to ``ALIGNMENT``: a kept one if any, else new."""
+    def take(self, nbytes: int, *, pin_memory: bool, populate: bool = True) -> torch.Tensor:
+        """A buffer of ``nbytes`` rounded up to ``ALIGNMENT``: a kept one if any, else new.
+
+        A new one is faulted in at once (``populate``, see ``aligned_buffer``)
+        unless the caller says the I/O threads fill it.
+        """
         key = (_padded(nbytes), pin_memory)
         with self._lock:
             free = self._free.get(key)
@@ -48,7 +52,7 @@ class StagingPool:
                 self._held -= key[0]
                 stats.add("staging_reused")
                 return free.pop()
-        return aligned_buffer(nbytes, pin_memory=pin_memory, populate=True)
+        return aligned_buffer(nbytes, pin_memory=pin_memory, populate=populate)
 
     def give(self, buffer: torch.Tensor, *, pin_memory: bool) -> None:
         """Keep ``buffer`` (from :meth:`take`, no longer used by anyone) if it fits the cap."""
@@ -64,7 +68,7 @@ class StagingPool:
         For read buffers, which become restored tensors that compiled code
         frees whenever it is done with them.
         """
-        buffer = self.take(nbytes, pin_memory=False)
+        buffer = self.take(nbytes, pin_memory=False, populate=False)  # the I/O threads fill it
         # The tensor holds ``array``; the finalizer holds ``buffer``, the memory's
         # owner, until ``array`` dies with the last tensor, then pools it.
         array = (ctypes.c_char * buffer.numel()).from_address(buffer.data_ptr())
