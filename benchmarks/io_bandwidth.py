@@ -205,6 +205,12 @@ def main() -> None:
     parser.add_argument("--total-mib", type=int, default=1024, help="bytes moved per measurement")
     parser.add_argument("--io-threads", type=int, default=fxoffload.config.io_threads)
     parser.add_argument("--chunk-mib", type=int, default=fxoffload.config.chunk_bytes // MiB)
+    parser.add_argument(
+        "--staging-pool-mib",
+        type=int,
+        default=fxoffload.config.staging_pool_bytes // MiB,
+        help="the staging_pool_bytes option",
+    )
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
     parser.add_argument("--steps", type=int, default=5, help="timed training steps")
     parser.add_argument(
@@ -228,10 +234,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=args.dir) as work:
         print(f"fxoffload I/O benchmark: dir={args.dir} torch={torch.__version__}")
         config = EngineConfig(
-            io_threads=args.io_threads, chunk_bytes=args.chunk_mib * MiB, verify=args.verify
+            io_threads=args.io_threads,
+            chunk_bytes=args.chunk_mib * MiB,
+            verify=args.verify,
+            staging_pool_bytes=args.staging_pool_mib * MiB,
         )
         print(
             f"engine (io_threads={config.io_threads}, chunk={args.chunk_mib} MiB, "
+            f"staging pool {args.staging_pool_mib} MiB, "
             f"verify={config.verify}, tensors on {device}), {args.total_mib} MiB per "
             f"measurement, ratio to the raw run just before it, median [range] of {args.repeats}:"
         )
