@@ -57,6 +57,31 @@ class InplaceActivation(torch.nn.Module):
         return (h * h).sum()
 
 
+class FusedQKV(torch.nn.Module):
+    """Attention's query, key and value selected from one projection: saved views with gaps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x.view(2, 4, 16)).view(2, 4, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).sum()
+
+
+class SliceWithGaps(torch.nn.Module):
+    """Saves one slice with gaps of a tensor three times its size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 48)
+        self.w = torch.nn.Parameter(torch.randn(16, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc(x)[:, :16] @ self.w).sum()
+
+
 def example_input() -> torch.Tensor:
     return torch.randn(8, 16)
 
@@ -241,6 +266,28 @@ def forward(self, primals_3, tanh_handle, tangents_1):
         self.assertEqual(e.forward_code.count("ssdtrain.store"), 2)  # relu and transpose_2
         self.assertEqual(e.backward_code.count("ssdtrain.wait"), 2)
 
+    def test_views_with_gaps_are_stored_through_their_base(self) -> None:
+        e = self.explain(FusedQKV())
+        rebuilt = [d for d in e.decisions if d.rebuilt_from is not None]
+        self.assertEqual(len(rebuilt), 3, str(e))  # query, key and value
+        (base,) = {d.rebuilt_from for d in rebuilt}
+        by_name = {d.name: d for d in e.decisions}
+        self.assertTrue(by_name[base].offload)
+        self.assertEqual(by_name[base].bytes_written, 2 * 4 * 48 * 4)
+        for d in rebuilt:
+            self.assertEqual(d.reason, f"view of {base}, rebuilt from it")
+
+    def test_a_view_with_gaps_whose_base_is_larger_stays(self) -> None:
+        e = self.explain(SliceWithGaps())
+        (kept,) = [d for d in e.decisions if d.kind is SavedKind.ACTIVATION]
+        self.assertFalse(kept.offload)
+        self.assertEqual(
+            kept.reason,
+            "strides [1, 48] leave gaps or overlap, so it is stored only through its base, "
+            "and its base addmm is larger than its offloaded views together",
+        )
+        self.assertNotIn("ssdtrain", e.forward_code)
+
     def test_explain_table(self) -> None:
         self.assertExpectedInline(
             self.code(str(self.explain(MLP())).split("forward:")[0]),
@@ -316,6 +363,12 @@ class TestGoldenAccuracy(expecttest.TestCase):
 
     def test_inplace_activation_accuracy(self) -> None:
         self.check(InplaceActivation, "aot_eager")
+
+    def test_fused_qkv_accuracy(self) -> None:
+        self.check(FusedQKV, "aot_eager")
+
+    def test_fused_qkv_accuracy_inductor(self) -> None:
+        self.check(FusedQKV, "inductor")
 
 
 class LayerStack(torch.nn.Module):

@@ -75,10 +75,10 @@ def insert_wait_ops(
         with graph.inserting_before(first_use):
             restored = _prefetch_and_wait(graph, first, store)
             rebuilt = _replay_views(graph, restored, store)
+        with store.val.fake_mode:  # as in forward, where every member's slot holds one handle
+            handle_val = ops.store(store.val, "", dense_dim_order(store.val))
         for member in members:
-            val = member.meta["val"]
-            with val.fake_mode:
-                handles[member].meta["val"] = ops.store(val, "", dense_dim_order(val))
+            handles[member].meta["val"] = handle_val
             member.replace_all_uses_with(rebuilt[member.name])
             graph.erase_node(member)
     graph.lint()

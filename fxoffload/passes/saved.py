@@ -152,7 +152,8 @@ def _classify(
         return SavedKind.INPUT, f"view of forward input {input_storages[storage].name}"
     if storage in output_storages:
         return SavedKind.OUTPUT, f"view of forward output {output_storages[storage].name}"
-    if dense_dim_order(val) is None:
+    dense = dense_dim_order(val) is not None
+    if not dense and not is_view(node):
         return SavedKind.UNSUPPORTED, (
             f"strides {list(val.stride())} leave gaps or overlap: only dense layouts are restored"
         )
@@ -163,7 +164,15 @@ def _classify(
                 f"backward reads it with {as_strided[0].target}, which may address "
                 "its base's storage"
             )
+    if not dense:  # views.py stores its base for it, or keeps it
+        return SavedKind.ACTIVATION, "activation, a view with gaps: offloaded through its base"
     return SavedKind.ACTIVATION, "activation: held only for backward"
+
+
+def is_view(node: fx.Node) -> bool:
+    """Whether ``node`` is a view op (its output shares its first argument's memory)."""
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and target.is_view
 
 
 def tensor_nbytes(val: torch.Tensor) -> int:

@@ -10,6 +10,11 @@ backward replays the view ops from the forward graph on the restored base.
 A view op only reinterprets its input's bytes, so the rebuilt views are
 bitwise the originals.
 
+A view with gaps (attention's query, key and value selected from one fused
+projection) cannot be stored on its own, since only dense layouts are
+restored; it is offloaded only this way, through its base, even alone when
+the base is no larger than it, and is kept in memory otherwise.
+
 Only chains of view ops whose other arguments are constants are replayed: a
 view whose sizes are symbolic (dynamic shapes) takes values that exist in
 forward only, and is stored on its own, as before.
@@ -67,11 +72,21 @@ def group_views(
                     v, offload=False, reason=f"view of {base.name}, which stays in memory"
                 )
             continue
-        if len(members) < 2 or not _storable_base(base, sum(v.nbytes for v, _ in members)):
-            stores += [
-                Stored(v.name, [v.name], {v.name: []}, nodes[v.name].meta["val"])
-                for v, _ in members
-            ]
+        with_gaps = any(dense_dim_order(nodes[v.name].meta["val"]) is None for v, _ in members)
+        why_not = _why_base_not_stored(base, sum(v.nbytes for v, _ in members))
+        if why_not or (len(members) < 2 and not with_gaps):
+            for v, _ in members:
+                val = nodes[v.name].meta["val"]
+                if dense_dim_order(val) is not None:
+                    stores.append(Stored(v.name, [v.name], {v.name: []}, val))
+                else:
+                    why = why_not if base is not nodes[v.name] else "its view ops take symbols"
+                    records[v.name] = dataclasses.replace(
+                        v,
+                        offload=False,
+                        reason=f"strides {list(val.stride())} leave gaps or overlap, so it is "
+                        f"stored only through its base, and {why}",
+                    )
             continue
         names = [v.name for v, _ in members]
         if base.name not in records:
@@ -121,15 +136,19 @@ def _replayable_view(node: fx.Node) -> bool:
     return not any(isinstance(o, (fx.Node, torch.SymInt)) for o in others)
 
 
-def _storable_base(base: fx.Node, members_nbytes: int) -> bool:
+def _why_base_not_stored(base: fx.Node, members_nbytes: int) -> str | None:
+    """Why ``base`` is not stored for views totalling ``members_nbytes``; None if it is."""
     val = base.meta.get("val")
-    return (
+    if not (
         base.op == "call_function"
         and isinstance(val, torch.Tensor)
         and dense_dim_order(val) is not None
         and size_hint(val.storage_offset()) == 0
-        and tensor_nbytes(val) <= members_nbytes
-    )
+    ):
+        return f"its base {base.name} is not a dense tensor computed in forward"
+    if tensor_nbytes(val) > members_nbytes:
+        return f"its base {base.name} is larger than its offloaded views together"
+    return None
 
 
 def _base_record(base: fx.Node, views: list[str]) -> SavedValue:
