@@ -36,7 +36,7 @@ development VM the speed of the whole machine drifted by a third between
 processes a minute apart, which one round cannot tell from offloading's cost.
 
 ``--interleave`` trades memory figures for steadier step-time ratios: the
-configurations (``none``, ``adaptive``, ``all``, ``recompute``) are compiled in
+configurations (all but the ``budget-*`` ones, which set a global config) run in
 this one process and their timed steps alternated; each step's ratio is to the
 reference step just before it, and the median of those ratios is printed.
 
@@ -350,7 +350,7 @@ def run_child(args: argparse.Namespace, name: str) -> dict:
     return result
 
 
-INTERLEAVABLE = (*SSDTRAIN, "recompute")  # no global config of their own
+INTERLEAVABLE = (*SSDTRAIN, "recompute", "save_on_cpu")  # no global config of their own
 
 
 def run_interleaved(args: argparse.Namespace, names: list[str]) -> None:
