@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_training import SDPATransformerBlock
 
 import fxoffload
 from fxoffload.runtime import engines
@@ -440,14 +441,30 @@ def test_soak_resources_stay_flat(tmp_path) -> None:
     assert files == 1 and in_use == 0
 
 
+class Attention(torch.nn.Module):
+    """A transformer block: its query, key and value are views with gaps of one projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = SDPATransformerBlock(p=0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x).square().mean()
+
+
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler) -> None:
-    """Symbolic sizes reach backward through the handles' shapes."""
+@pytest.mark.parametrize(
+    ("model", "size"),
+    [(Blocks, lambda length: (length, 5, 256)), (Attention, lambda length: (4, length, 64))],
+    ids=["blocks", "attention"],
+)
+def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler, model, size) -> None:
+    """Symbolic sizes reach backward through the handles' shapes (and a base's, for views)."""
 
     def step(m):
         results = []
         for length in (17, 33):
-            x = torch.randn(length, 5, 256, generator=torch.Generator().manual_seed(length))
+            x = torch.randn(size(length), generator=torch.Generator().manual_seed(length))
             loss = m(x)
             loss.backward()
             results.append(loss.detach())
@@ -464,7 +481,7 @@ def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler) -> None:
         return torch.compile(model, backend="ssdtrain", options=options, dynamic=True)
 
     torch.manual_seed(0)
-    base = Blocks()
+    base = model()
     results = []
     with torch._inductor.config.patch(force_disable_caches=True):
         for policy in ("none", "all"):
