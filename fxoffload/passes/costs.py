@@ -25,7 +25,7 @@ from torch.utils.flop_counter import flop_registry
 
 from fxoffload import ops
 from fxoffload._compat import size_hint
-from fxoffload.passes.saved import tensor_nbytes
+from fxoffload.passes.saved import is_view, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,10 +62,7 @@ def node_time(node: fx.Node, costs: DeviceCosts) -> float:
 
     Placeholders, outputs, views and our own ops cost nothing.
     """
-    if node.op != "call_function" or node.target in _FREE_OPS:
-        return 0.0
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload) and target.is_view:
+    if node.op != "call_function" or node.target in _FREE_OPS or is_view(node):
         return 0.0
     if MEASURED_SECONDS in node.meta:
         return node.meta[MEASURED_SECONDS]

@@ -28,7 +28,13 @@ import torch
 import torch.fx as fx
 
 from fxoffload._compat import size_hint
-from fxoffload.passes.saved import SavedKind, SavedValue, dense_dim_order, tensor_nbytes
+from fxoffload.passes.saved import (
+    SavedKind,
+    SavedValue,
+    dense_dim_order,
+    is_view,
+    tensor_nbytes,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +78,21 @@ def group_views(
                     v, offload=False, reason=f"view of {base.name}, which stays in memory"
                 )
             continue
-        with_gaps = any(dense_dim_order(nodes[v.name].meta["val"]) is None for v, _ in members)
+        gaps = {v.name for v, _ in members if dense_dim_order(nodes[v.name].meta["val"]) is None}
         why_not = _why_base_not_stored(base, sum(v.nbytes for v, _ in members))
-        if why_not or (len(members) < 2 and not with_gaps):
+        if why_not or (len(members) < 2 and not gaps):
             for v, _ in members:
                 val = nodes[v.name].meta["val"]
-                if dense_dim_order(val) is not None:
+                if v.name not in gaps:
                     stores.append(Stored(v.name, [v.name], {v.name: []}, val))
-                else:
-                    why = why_not if base is not nodes[v.name] else "its view ops take symbols"
-                    records[v.name] = dataclasses.replace(
-                        v,
-                        offload=False,
-                        reason=f"strides {list(val.stride())} leave gaps or overlap, so it is "
-                        f"stored only through its base, and {why}",
-                    )
+                    continue
+                why = why_not if base is not nodes[v.name] else "its view ops take symbols"
+                records[v.name] = dataclasses.replace(
+                    v,
+                    offload=False,
+                    reason=f"strides {list(val.stride())} leave gaps or overlap, so it is "
+                    f"stored only through its base, and {why}",
+                )
             continue
         names = [v.name for v, _ in members]
         if base.name not in records:
@@ -126,10 +132,7 @@ def _view_chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
 
 
 def _replayable_view(node: fx.Node) -> bool:
-    target = node.target
-    if not (isinstance(target, torch._ops.OpOverload) and target.is_view):
-        return False
-    if not node.args or not isinstance(node.args[0], fx.Node):
+    if not is_view(node) or not node.args or not isinstance(node.args[0], fx.Node):
         return False
     others: list[object] = []
     fx.node.map_aggregate((node.args[1:], node.kwargs), others.append)
