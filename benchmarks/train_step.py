@@ -14,7 +14,7 @@ SGD) in its own subprocess (this script re-invoked with ``--child``):
 A step is zero_grad, forward (with the cross-entropy, so the logits are in the
 compiled graph), backward and SGD; ``gc.collect()`` runs between steps. After
 ``--warmup`` steps, min(``--steps``, 3) steps measure memory above what is in use
-after zero_grad: "peak MiB" (max over the steps) and "after-fwd MiB", held once
+after zero_grad (on CPU, less the engine's idle buffers: below): "peak MiB" (max over the steps) and "after-fwd MiB", held once
 the loss is computed: activations kept for backward, and staging copies of
 offloaded ones not yet written (median). Then ``--steps`` steps are timed
 ("step ms": median); "offl. MiB/step" is ``fxoffload.stats().bytes_written`` per
@@ -55,7 +55,10 @@ freed tensors stay resident and are reused: the peak would hide). Before each
 memory step ``malloc_trim(0)`` returns freed heap memory and writing 5 to
 ``/proc/self/clear_refs`` resets the high-water mark VmHWM, read after the step;
 where that reset does not work, a thread samples VmRSS every 1 ms (the output
-says which). Before the timed steps ``mallopt`` puts the thresholds back near
+says which). The engine's idle staging and read buffers, kept between steps for
+reuse (``fxoffload.stats().staging_bytes_held``), are offloading's own memory:
+a step takes its buffers from them, so they are counted in its peak (subtracted
+from the RSS it is measured above). Before the timed steps ``mallopt`` puts the thresholds back near
 glibc's own (reuse freed blocks up to 32 MiB), since mapping fresh pages for
 every tensor is slow on a VM. On CUDA: ``max_memory_allocated`` after
 ``reset_peak_memory_stats``, and ``memory_allocated``. Ratios are to the first
@@ -203,6 +206,17 @@ class Meter:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+    def baseline(self) -> int:
+        """What a step's memory is measured above: in use now, less offloading's idle buffers.
+
+        On CPU the engine keeps staging and read buffers between steps (up to
+        ``staging_pool_bytes``) and a step takes its buffers from them, so a
+        peak taken above the RSS alone would leave that memory out.
+        """
+        import fxoffload
+
+        return self.now() - (0 if self.cuda else fxoffload.stats().staging_bytes_held)
+
     def reset_peak(self) -> None:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -276,7 +290,7 @@ class Trainer:
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         self.meter.reset_peak()
-        before = self.meter.now()
+        before = self.meter.baseline()
         with contextlib.ExitStack() as stack:
             for context in self.contexts:
                 stack.enter_context(context())

@@ -68,7 +68,7 @@ def test_wait_before_the_write_finishes_copies_to_the_device_without_waiting(eng
     assert fxoffload.stats().tensors_forwarded - before.tensors_forwarded == 1
     written(engine)
     # The write went on from the same buffer, which a copy used: not pooled.
-    assert engine._staging.held_bytes == 0
+    assert engine.staging_bytes_held == 0
     engine.prefetch(handle)
     assert torch.equal(engine.wait(handle), expected)  # and the file has the bytes
 

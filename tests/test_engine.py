@@ -144,7 +144,7 @@ def test_staging_buffers_are_reused_within_the_cap(make_engine) -> None:
     more = [engine.store(t) for t in tensors[:4]]
     gate.set()
     written(engine)
-    assert engine._staging.held_bytes == 2 * size
+    assert engine.staging_bytes_held == 2 * size
     del more
 
 
@@ -155,7 +155,7 @@ def test_read_buffer_returns_to_the_pool_only_when_the_restored_tensor_dies(make
     handle = engine.store(t)
     written(engine)  # t's staging buffer is pooled...
     restored = engine.wait(handle)  # ...and the read takes it
-    assert engine._staging.held_bytes == 0
+    assert engine.staging_bytes_held == 0
     before = fxoffload.stats()
     engine.store(u)
     written(engine)
@@ -164,7 +164,7 @@ def test_read_buffer_returns_to_the_pool_only_when_the_restored_tensor_dies(make
     engine._staging.clear()
     del restored
     gc.collect()
-    assert engine._staging.held_bytes == size  # back once the tensor died
+    assert engine.staging_bytes_held == size  # back once the tensor died
     engine.store(u)
     assert delta(before, "staging_reused") == 1
 

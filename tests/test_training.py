@@ -173,6 +173,9 @@ def check_nothing_held(offload_dir: Path, before: fxoffload.OffloadStats) -> Non
     assert engine.live_entries() == 0
     assert engine.file.bytes_in_use == 0
     assert fxoffload.stats().handles_live == before.handles_live
+    # What it keeps are idle buffers for the next step, within the pool's cap.
+    assert 0 < engine.staging_bytes_held <= fxoffload.config.staging_pool_bytes
+    assert fxoffload.stats().staging_bytes_held >= engine.staging_bytes_held
 
 
 def train(

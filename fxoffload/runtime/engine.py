@@ -329,6 +329,11 @@ class Engine:
         with self._lock:
             return self._inflight
 
+    @property
+    def staging_bytes_held(self) -> int:
+        """Bytes of idle buffers the staging pool keeps for reuse."""
+        return self._staging.held_bytes
+
     def owns(self, entry_id: int) -> bool:
         with self._lock:
             return entry_id in self._entries

@@ -57,6 +57,7 @@ def snapshot() -> stats.OffloadStats:
         handles_live=sum(e.live_entries() for e in live),
         slot_bytes_in_use=sum(e.file.bytes_in_use for e in live),
         file_bytes=sum(e.file.size for e in live),
+        staging_bytes_held=sum(e.staging_bytes_held for e in live),
         io_mode="+".join(modes),
     )
 

@@ -10,7 +10,7 @@ import threading
 class OffloadStats:
     """A snapshot of what the engines of this process did and hold.
 
-    Counters grow until ``fxoffload.reset_stats()``. The last four fields are
+    Counters grow until ``fxoffload.reset_stats()``. The last five fields are
     gauges of what is held right now and are never reset.
     """
 
@@ -40,6 +40,9 @@ class OffloadStats:
     """Bytes of offload files that hold live tensors."""
     file_bytes: int = 0
     """Size of the offload files (their high-water mark: freed slots are reused)."""
+    staging_bytes_held: int = 0
+    """Idle staging and read buffers kept for reuse (``staging_pool_bytes``): host
+    memory that offloading holds between steps, on top of what the step itself uses."""
     io_mode: str = ""
     """``"direct"`` (O_DIRECT), ``"buffered"``, or both, over the engines in use."""
 
