@@ -14,9 +14,10 @@ SGD) in its own subprocess (this script re-invoked with ``--child``):
 A step is zero_grad, forward (with the cross-entropy, so the logits are in the
 compiled graph), backward and SGD; ``gc.collect()`` runs between steps. After
 ``--warmup`` steps, min(``--steps``, 3) steps measure memory above what is in use
-after zero_grad (on CPU, less the engine's idle buffers: below): "peak MiB" (max over the steps) and "after-fwd MiB", held once
-the loss is computed: activations kept for backward, and staging copies of
-offloaded ones not yet written (median). Then ``--steps`` steps are timed
+after zero_grad (on CPU, less the engine's idle buffers: below): "peak MiB" (max
+over the steps) and "after-fwd MiB", held once the loss is computed: activations
+kept for backward, and staging copies of offloaded ones not yet written
+(median). Then ``--steps`` steps are timed
 ("step ms": median); "offl. MiB/step" is ``fxoffload.stats().bytes_written`` per
 timed step.
 
