@@ -585,7 +585,7 @@ def plot(results: list[dict], path: str) -> None:
             (line,) = ax.plot(t, mib, label=r["config"])
             ax.axvline(r["forward_end_ms"], color=line.get_color(), linestyle="--", linewidth=0.8)
     ax.set_xlabel("ms into the step (dashed: forward ends)")
-    ax.set_ylabel("MiB above the memory in use after zero_grad")
+    ax.set_ylabel("MiB above in use after zero_grad, idle staging counted")
     ax.set_title("memory over one training step")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
