@@ -43,6 +43,7 @@ from fxoffload import config
 from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.handles import handle_id, make_handle
+from fxoffload.runtime.locks import RuntimeLock
 from fxoffload.runtime.offload_file import OffloadFile, as_memoryview
 from fxoffload.runtime.slots import Slot
 from fxoffload.runtime.staging import StagingPool
@@ -178,7 +179,7 @@ class Engine:
             ) from e
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
         self._staging = StagingPool(self.config.staging_pool_bytes)
-        self._lock = threading.Lock()
+        self._lock = RuntimeLock()  # see locks.py: a handle's finalizer takes it
         self._inflight_changed = threading.Condition(self._lock)
         self._inflight = 0
         self._entries: dict[int, _Entry] = {}

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fxoffload.runtime.locks import when_unlocked
+
 
 class _HandleCell(ctypes.c_int64 * 1):
     """The handle's storage; a ctypes subclass so that it can carry a finaliser."""
@@ -29,7 +31,7 @@ def make_handle(
     entry_id: int, shape: Sequence[int], on_free: Callable[[int], None]
 ) -> torch.Tensor:
     cell = _HandleCell(entry_id)
-    weakref.finalize(cell, on_free, entry_id)
+    weakref.finalize(cell, when_unlocked, on_free, entry_id)  # locks.py says why
     # frombuffer keeps `cell` alive for as long as the storage lives.
     scalar = torch.frombuffer(cell, dtype=torch.int64).reshape(())
     return scalar.expand((0, *shape))

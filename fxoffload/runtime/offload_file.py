@@ -14,10 +14,10 @@ import ctypes
 import errno
 import mmap
 import os
-import threading
 
 import torch
 
+from fxoffload.runtime.locks import RuntimeLock
 from fxoffload.runtime.slots import Slot, SlotAllocator
 
 ALIGNMENT = 4096
@@ -88,7 +88,7 @@ class OffloadFile:
                 self.close()
                 raise
         self._allocator = SlotAllocator(ALIGNMENT)
-        self._lock = threading.Lock()
+        self._lock = RuntimeLock()
         self._size = 0
 
     def _try_direct(self, *, required: bool) -> None:

@@ -18,12 +18,12 @@ size.
 from __future__ import annotations
 
 import ctypes
-import threading
 import weakref
 
 import torch
 
 from fxoffload.runtime import stats
+from fxoffload.runtime.locks import RuntimeLock, when_unlocked
 from fxoffload.runtime.offload_file import ALIGNMENT, aligned_buffer
 
 
@@ -32,7 +32,7 @@ class StagingPool:
         self.capacity = capacity
         self._free: dict[tuple[int, bool], list[torch.Tensor]] = {}
         self._held = 0
-        self._lock = threading.Lock()
+        self._lock = RuntimeLock()
 
     @property
     def held_bytes(self) -> int:
@@ -72,7 +72,7 @@ class StagingPool:
         # The tensor holds ``array``; the finalizer holds ``buffer``, the memory's
         # owner, until ``array`` dies with the last tensor, then pools it.
         array = (ctypes.c_char * buffer.numel()).from_address(buffer.data_ptr())
-        weakref.finalize(array, self.give, buffer, pin_memory=False).atexit = False
+        weakref.finalize(array, when_unlocked, self.give, buffer, pin_memory=False).atexit = False
         return torch.frombuffer(array, dtype=torch.uint8)
 
     def clear(self) -> None:

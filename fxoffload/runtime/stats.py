@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import threading
+
+from fxoffload.runtime.locks import RuntimeLock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ COUNTERS = (
     "wait_stall_ns",
     "staging_reused",
 )
-_lock = threading.Lock()
+_lock = RuntimeLock()
 _values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
