@@ -86,6 +86,26 @@ def test_pinned_staging_buffers_are_reused(engine) -> None:
         assert torch.equal(engine.wait(h), t)
 
 
+def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) -> None:
+    """Its copy may still be queued: a read given that buffer would be overwritten by it."""
+    gate = block_io_thread(engine)  # no chunk gets to wait for the copy
+    torch.cuda._sleep(1_000_000_000)  # the stream is busy for a while: the copy waits too
+    t = torch.randn(1024, 1024, device="cuda")
+    handle = engine.store(t)
+    del handle  # the graph was dropped: the write is cancelled
+    try:
+        assert engine.inflight_bytes == 0  # settled by the cancel, not by a write
+        assert engine.staging_bytes_held == 0
+    finally:
+        gate.set()
+        torch.cuda.synchronize()
+    other = torch.randn(1024, 1024, device="cuda")
+    h = engine.store(other)
+    written(engine)
+    engine.prefetch(h)
+    assert torch.equal(engine.wait(h), other)
+
+
 class Block(torch.nn.Module):
     """Attention written out (not SDPA: flash attention's backward is not bitwise
     reproducible) plus an MLP, so both matmul and softmax outputs are saved."""

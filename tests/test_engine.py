@@ -410,3 +410,40 @@ def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_pat
     assert done.returncode == 0, done.stderr[-3000:]
     # Each finalizer ran once its thread let go of the lock: the entry released, the buffer pooled.
     assert done.stdout.split() == ["entries", "0", "pooled", "4096"]
+
+
+STORE_WITHOUT_MEMORY = """
+import faulthandler, os, resource, sys, tempfile, time, torch
+from fxoffload.runtime import Engine, EngineConfig
+
+faulthandler.dump_traceback_later(30, exit=True)  # a store that waits forever fails the test
+engine = Engine(tempfile.mkdtemp(), EngineConfig(io_threads=1, staging_pool_bytes=0))
+small = torch.randn(1024)
+handle = engine.store(small)  # starts the I/O thread while there is room for its stack
+while engine.inflight_bytes:
+    time.sleep(0.001)
+big = torch.empty(256 << 20, dtype=torch.uint8)
+with open("/proc/self/statm") as f:
+    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+limits = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (64 << 20), limits[1]))
+try:
+    engine.store(big)  # its staging copy cannot be mapped
+except OSError as e:
+    print("raised", e.errno)
+resource.setrlimit(resource.RLIMIT_AS, limits)
+print("inflight", engine.inflight_bytes, "entries", engine.live_entries())
+engine.prefetch(handle)
+again = engine.store(small)  # would wait forever for the failed store's bytes
+print("round trip", bool(torch.equal(engine.wait(again), small)))
+"""
+
+
+def test_a_store_that_cannot_allocate_its_staging_copy_gives_back_its_reservation() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", STORE_WITHOUT_MEMORY], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == [
+        "raised", "12", "inflight", "0", "entries", "1", "round", "trip", "True",
+    ]  # fmt: skip

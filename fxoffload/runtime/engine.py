@@ -206,26 +206,33 @@ class Engine:
 
         nbytes = t.numel() * t.element_size()
         self._reserve_inflight(nbytes)
-        buffer = self._staging.take(nbytes, pin_memory=t.is_cuda)
-        staging = _view_as(buffer, t.shape, order, t.dtype)
-        staging.copy_(t, non_blocking=t.is_cuda)
-        copied = None
-        if t.is_cuda:
-            copied = torch.cuda.Event()
-            copied.record()
-        entry = _Entry(
-            id=next(_entry_ids),
-            shape=tuple(t.shape),
-            dim_order=order,
-            dtype=t.dtype,
-            device=t.device,
-            nbytes=nbytes,
-            staging=buffer,
-            copied=copied,
-        )
-        with self._lock:
-            self._entries[entry.id] = entry
-        self._start_write(entry, buffer, copied)
+        entry = None
+        try:
+            buffer = self._staging.take(nbytes, pin_memory=t.is_cuda)
+            staging = _view_as(buffer, t.shape, order, t.dtype)
+            staging.copy_(t, non_blocking=t.is_cuda)
+            copied = None
+            if t.is_cuda:
+                copied = torch.cuda.Event()
+                copied.record(torch.cuda.current_stream(t.device))  # where copy_ ran
+            entry = _Entry(
+                id=next(_entry_ids),
+                shape=tuple(t.shape),
+                dim_order=order,
+                dtype=t.dtype,
+                device=t.device,
+                nbytes=nbytes,
+                staging=buffer,
+                copied=copied,
+            )
+            with self._lock:
+                self._entries[entry.id] = entry
+            self._start_write(entry, buffer, copied)
+        except BaseException:
+            # Nothing is being written: give back the reservation, or every
+            # later store would wait for bytes that never land.
+            self._forget(entry.id if entry is not None else None, nbytes)
+            raise
         stats.add("tensors_stored")
         return make_handle(entry.id, entry.shape, self._release)
 
@@ -391,7 +398,6 @@ class Engine:
             entry.slot = self.file.allocate(entry.nbytes)
         except OSError as err:
             if self.config.on_io_error == "raise":
-                self._forget(entry)
                 raise self._io_error("no room for", entry, err) from err
             entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
             entry.write.chunk_done(err)
@@ -436,11 +442,11 @@ class Engine:
         stats.add("bytes_written", len(view))
         transfer.chunk_done()
 
-    def _forget(self, entry: _Entry) -> None:
+    def _forget(self, entry_id: int | None, nbytes: int) -> None:
         """Undo a store that raised: no entry, no reservation."""
         with self._lock:
-            self._entries.pop(entry.id, None)
-            self._inflight -= entry.nbytes
+            self._entries.pop(entry_id, None)
+            self._inflight -= nbytes
             self._inflight_changed.notify_all()
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
@@ -465,6 +471,11 @@ class Engine:
                 # memory), nobody holds the copy now: it can stage another store.
                 staging, entry.staging = entry.staging, None
                 if entry.staging_shared:  # a device copy may still be reading it
+                    staging = None
+                elif entry.copied is not None and not entry.copied.query():
+                    # Cancelled before a chunk waited for the copy into it, which may
+                    # still be queued: the caching host allocator, which tracks that
+                    # copy, gets it back instead of a read that the copy would overwrite.
                     staging = None
         if staging is not None:
             self._staging.give(staging, pin_memory=entry.device.type == "cuda")
