@@ -43,7 +43,8 @@ class OffloadStats:
     """Size of the offload files (their high-water mark: freed slots are reused)."""
     staging_bytes_held: int = 0
     """Idle staging and read buffers kept for reuse (``staging_pool_bytes``): host
-    memory that offloading holds between steps, on top of what the step itself uses."""
+    memory offloading holds between steps, where the next step's stores and reads
+    take their buffers from."""
     io_mode: str = ""
     """``"direct"`` (O_DIRECT), ``"buffered"``, or both, over the engines in use."""
 
@@ -60,7 +61,7 @@ COUNTERS = (
     "wait_stall_ns",
     "staging_reused",
 )
-_lock = RuntimeLock()
+_lock = RuntimeLock()  # counters() allocates under it: a collection may run a finalizer there
 _values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
 
