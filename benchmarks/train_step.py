@@ -16,10 +16,9 @@ compiled graph), backward and SGD; ``gc.collect()`` runs between steps. After
 ``--warmup`` steps, min(``--steps``, 3) steps measure memory above what is in use
 after zero_grad (on CPU, less the engine's idle buffers: below): "peak MiB" (max
 over the steps) and "after-fwd MiB", held once the loss is computed: activations
-kept for backward, and staging copies of offloaded ones not yet written
-(median). Then ``--steps`` steps are timed
-("step ms": median); "offl. MiB/step" is ``fxoffload.stats().bytes_written`` per
-timed step.
+kept for backward, staging copies of offloaded ones not yet written, and idle
+buffers (median). Then ``--steps`` steps are timed ("step ms": median); "offl.
+MiB/step" is ``fxoffload.stats().bytes_written`` per timed step.
 
 "stall ms/step" is the time backward's waits blocked the host on I/O not
 finished in time (``fxoffload.stats().wait_stall_ns``; on a GPU the device may
@@ -58,13 +57,14 @@ memory step ``malloc_trim(0)`` returns freed heap memory and writing 5 to
 where that reset does not work, a thread samples VmRSS every 1 ms (the output
 says which). The engine's idle staging and read buffers, kept between steps for
 reuse (``fxoffload.stats().staging_bytes_held``), are offloading's own memory:
-a step takes its buffers from them, so they are counted in its peak (subtracted
-from the RSS it is measured above). Before the timed steps ``mallopt`` puts the thresholds back near
-glibc's own (reuse freed blocks up to 32 MiB), since mapping fresh pages for
-every tensor is slow on a VM. On CUDA: ``max_memory_allocated`` after
-``reset_peak_memory_stats``, and ``memory_allocated``. Ratios are to the first
-configuration. Run from the repository root (2 CPU cores: about 2 minutes with
-a warm inductor cache, 3 cold)::
+a step takes its buffers from them, so they count in its peak (they are
+subtracted from the RSS it is measured above). Before the timed steps
+``mallopt`` puts the thresholds back near glibc's own (reuse freed blocks up to
+32 MiB), since mapping fresh pages for every tensor is slow on a VM. On CUDA:
+``max_memory_allocated`` after ``reset_peak_memory_stats``, and
+``memory_allocated``. Ratios are to the first configuration. Run from the
+repository root (2 CPU cores: about 2 minutes with a warm inductor cache, 3
+cold)::
 
     python benchmarks/train_step.py [--configs none,all] [--option min_bytes=0] \\
         [--offload-dir /nvme/x] [--json out.json] [--plot out.png] [--autocast] \\
