@@ -447,3 +447,29 @@ def test_a_store_that_cannot_allocate_its_staging_copy_gives_back_its_reservatio
     assert done.stdout.split() == [
         "raised", "12", "inflight", "0", "entries", "1", "round", "trip", "True",
     ]  # fmt: skip
+
+
+def test_close_lets_a_read_that_a_thread_waits_for_finish(make_engine) -> None:
+    engine = make_engine()
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    written(engine)
+    gate = block_io_thread(engine)
+    engine.prefetch(handle)  # queued behind the gate
+    result: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: result.append(engine.wait(handle)), daemon=True)
+    waiter.start()
+    entry = engine._entry(handle)
+    deadline = time.monotonic() + 10
+    while entry.read is not None and time.monotonic() < deadline:  # the waiter took the read
+        time.sleep(0.001)
+    closer = threading.Thread(target=engine.close, daemon=True)
+    closer.start()
+    deadline = time.monotonic() + 10
+    while not engine._pool._shutdown and time.monotonic() < deadline:  # close is under way
+        time.sleep(0.001)
+    gate.set()
+    closer.join(timeout=10)
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "wait hangs: close dropped the read it waits for"
+    assert torch.equal(result[0], t)

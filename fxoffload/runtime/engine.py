@@ -347,13 +347,18 @@ class Engine:
             return entry_id in self._entries
 
     def close(self) -> None:
-        """Finish or cancel pending I/O and remove the private directory (idempotent)."""
+        """Finish pending I/O and remove the private directory (idempotent).
+
+        Queued chunks run rather than being cancelled: a thread may be in
+        ``wait`` for one of them. (A released entry's chunks were cancelled
+        when its handle died, so only live entries' I/O is left.)
+        """
         with self._lock:
             if self._closed:
                 return
             self._closed = True
             self._entries.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=True)
         self._staging.clear()
         self.file.close()
         private_dir.remove_private_dir(self.directory)
