@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 
 import pytest
 import torch
@@ -350,6 +351,19 @@ def test_raise_mode_names_the_file_and_free_space(tiny_tmpfs, make_engine) -> No
     written(engine)
     with pytest.raises(RuntimeError, match=r"no room for offloaded tensor .* bytes free in"):
         engine.store(torch.randn(64, 1024))
+    assert engine.live_entries() == 1 and engine.inflight_bytes == 0
+    del kept
+
+
+def test_keep_mode_under_warnings_as_errors_leaves_nothing_behind(tiny_tmpfs, make_engine) -> None:
+    """``-W error`` turns the "keeping the tensor in memory" warning into the store's error."""
+    engine = make_engine(root=tiny_tmpfs)
+    kept = engine.store(torch.randn(10))
+    written(engine)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="keeping the tensor in memory"):
+            engine.store(torch.randn(64, 1024))
     assert engine.live_entries() == 1 and engine.inflight_bytes == 0
     del kept
 

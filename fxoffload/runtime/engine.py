@@ -229,9 +229,12 @@ class Engine:
                 self._entries[entry.id] = entry
             self._start_write(entry, buffer, copied)
         except BaseException:
-            # Nothing is being written: give back the reservation, or every
-            # later store would wait for bytes that never land.
-            self._forget(entry.id if entry is not None else None, nbytes)
+            if entry is None or entry.write is None:
+                # Nothing is being written: give back the reservation, or every
+                # later store would wait for bytes that never land.
+                self._forget(entry.id if entry is not None else None, nbytes)
+            else:  # its write settled (and gave the reservation back), then raised
+                self._forget(entry.id, 0)
             raise
         stats.add("tensors_stored")
         return make_handle(entry.id, entry.shape, self._release)
@@ -488,9 +491,11 @@ class Engine:
         with self._lock:
             self._inflight -= entry.nbytes
             self._inflight_changed.notify_all()
+        if released:
+            self._free_slot(entry)
         if error is not None:
             stats.add("io_errors")
-            if warn:
+            if warn:  # last: under -W error it raises, and nothing may be left undone
                 warnings.warn(
                     f"fxoffload: writing to {self.file.path} failed ({error}); keeping the "
                     f"tensor in memory instead ({entry.nbytes} bytes). Gradients are "
@@ -498,8 +503,6 @@ class Engine:
                     RuntimeWarning,
                     stacklevel=1,
                 )
-        if released:
-            self._free_slot(entry)
 
     def _start_read(self, entry: _Entry) -> None:
         """Queue the chunk reads of ``entry`` (called with the lock held)."""
