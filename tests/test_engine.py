@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -487,3 +488,20 @@ def test_close_lets_a_read_that_a_thread_waits_for_finish(make_engine) -> None:
     waiter.join(timeout=10)
     assert not waiter.is_alive(), "wait hangs: close dropped the read it waits for"
     assert torch.equal(result[0], t)
+
+
+def test_an_entry_goes_with_its_handle_not_at_the_next_collection(make_engine) -> None:
+    """No reference cycle keeps an entry (and what it holds) until the collector runs."""
+    engine = make_engine()
+    t = torch.randn(1024)
+    gc.disable()
+    try:
+        handle = engine.store(t)
+        entry = weakref.ref(engine._entry(handle))
+        written(engine)
+        engine.prefetch(handle)
+        assert torch.equal(engine.wait(handle), t)
+        del handle
+        assert entry() is None, "an entry outlived its handle"
+    finally:
+        gc.enable()

@@ -109,8 +109,11 @@ class _Transfer:
         if last:
             if self._drop_buffer:
                 self.buffer = None
+            # Dropped once called: it refers to the entry that holds this transfer,
+            # and without that cycle an entry dies with its handle, not at a collection.
+            on_done, self._on_done = self._on_done, None
             try:
-                self._on_done(self._error)
+                on_done(self._error)
             finally:
                 self._done.set()
 
