@@ -45,7 +45,7 @@ stage install 60 bash -c 'if ls .whl/fxoffload-*.whl >/dev/null 2>&1; then
     else python -m pip install -q --no-deps --no-build-isolation .; fi'
 stage tests 100 python -m pytest -q -p no:cacheprovider --tb=short tests/test_cuda.py
 stage io 45 python benchmarks/io_bandwidth.py --dir "$DIR" --device cuda --no-step \
-    --total-mib 512 --repeats 2
+    --total-mib 256 --repeats 2  # each size twice (new and pooled engine): 256 MiB fits 45 s
 stage train 200 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 5 \
     --configs none,adaptive,recompute,budget-0.5 --json "$OUT/train_step.json"
 stage max-batch 140 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 3 \
