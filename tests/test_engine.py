@@ -381,11 +381,11 @@ def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:
 
 
 GC_WHILE_LOCKED = """
-import faulthandler, gc, sys, tempfile, time, torch
+import faulthandler, gc, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
 
 faulthandler.dump_traceback_later(30, exit=True)  # a deadlock fails the test, with stacks
-engine = Engine(tempfile.mkdtemp(), EngineConfig(io_threads=1))
+engine = Engine(sys.argv[1], EngineConfig(io_threads=1))
 t = torch.randn(1024)
 
 
@@ -420,7 +420,10 @@ print("pooled", engine.staging_bytes_held)
 def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_path) -> None:
     """The collector runs finalizers in whichever thread allocates, locks held or not."""
     done = subprocess.run(
-        [sys.executable, "-c", GC_WHILE_LOCKED], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", GC_WHILE_LOCKED, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     # Each finalizer ran once its thread let go of the lock: the entry released, the buffer pooled.
@@ -428,11 +431,11 @@ def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_pat
 
 
 STORE_WITHOUT_MEMORY = """
-import faulthandler, os, resource, sys, tempfile, time, torch
+import faulthandler, os, resource, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
 
 faulthandler.dump_traceback_later(30, exit=True)  # a store that waits forever fails the test
-engine = Engine(tempfile.mkdtemp(), EngineConfig(io_threads=1, staging_pool_bytes=0))
+engine = Engine(sys.argv[1], EngineConfig(io_threads=1, staging_pool_bytes=0))
 small = torch.randn(1024)
 handle = engine.store(small)  # starts the I/O thread while there is room for its stack
 while engine.inflight_bytes:
@@ -454,9 +457,14 @@ print("round trip", bool(torch.equal(engine.wait(again), small)))
 """
 
 
-def test_a_store_that_cannot_allocate_its_staging_copy_gives_back_its_reservation() -> None:
+def test_a_store_that_cannot_allocate_its_staging_copy_gives_back_its_reservation(
+    tmp_path,
+) -> None:
     done = subprocess.run(
-        [sys.executable, "-c", STORE_WITHOUT_MEMORY], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", STORE_WITHOUT_MEMORY, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == [
