@@ -16,9 +16,10 @@ In one run, against the offload directory's device:
    step, with ``staging_pool_bytes`` raised to the total so that every
    buffer is kept;
 3. a training step of a model with large, cheap activations under
-   ``policy="all"`` vs ``policy="none"`` (same compile otherwise): the median
-   step time ratio and the effective bandwidth, bytes offloaded per step
-   divided by the extra time per step.
+   ``policy="all"`` vs ``policy="none"`` (same compile otherwise), both in this
+   process with their steps alternated: the median and range of the paired
+   step time ratios, and the effective bandwidth, bytes offloaded per step
+   divided by the extra median time per step.
 
 ``--sweep`` adds a table over I/O threads and chunk sizes, from which the
 defaults were chosen. Run from the repository root::
@@ -193,25 +194,32 @@ class CheapActivations(torch.nn.Module):
         return x.square().mean()
 
 
-def step_times(
-    policy: str, directory: str, compiler: str, steps: int, verify: bool
-) -> tuple[float, int]:
-    """Median step time (s) and bytes written per step."""
+def paired_step_times(
+    directory: str, compiler: str, steps: int, verify: bool
+) -> tuple[list[float], list[float], int]:
+    """Step times (s) under ``"none"`` and ``"all"``, their steps alternated; bytes per step.
+
+    Both are compiled in this process and each ``"all"`` step runs right after a
+    ``"none"`` one, so that a machine whose speed drifts affects the two alike.
+    """
     torch._dynamo.reset()
-    torch.manual_seed(0)
-    model = CheapActivations()
     x = torch.randn(2048, 1024)
-    options = {"policy": policy, "offload_dir": directory, "compiler": compiler, "verify": verify}
-    compiled = torch.compile(model, backend="ssdtrain", options=options)
-    for _ in range(2):  # compile and warm up
-        compiled(x).backward()
-    times = []
+    compiled = {}
+    for policy in ("none", "all"):
+        torch.manual_seed(0)
+        options = {"policy": policy, "offload_dir": directory, "compiler": compiler}
+        options["verify"] = verify
+        compiled[policy] = torch.compile(CheapActivations(), backend="ssdtrain", options=options)
+        for _ in range(2):  # compile and warm up
+            compiled[policy](x).backward()
+    times: dict[str, list[float]] = {policy: [] for policy in compiled}
     before = fxoffload.stats().bytes_written
     for _ in range(steps):
-        start = time.perf_counter()
-        compiled(x).backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (fxoffload.stats().bytes_written - before) // steps
+        for policy, step in compiled.items():
+            start = time.perf_counter()
+            step(x).backward()
+            times[policy].append(time.perf_counter() - start)
+    return times["none"], times["all"], (fxoffload.stats().bytes_written - before) // steps
 
 
 def spread(values) -> str:
@@ -232,7 +240,7 @@ def main() -> None:
         help="the staging_pool_bytes option",
     )
     parser.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
-    parser.add_argument("--steps", type=int, default=5, help="timed training steps")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps of each policy")
     parser.add_argument(
         "--verify",
         action=argparse.BooleanOptionalAction,
@@ -328,14 +336,16 @@ def main() -> None:
 
         if args.no_step:
             return
-        none, _ = step_times("none", work, args.compiler, args.steps, args.verify)
-        offloaded, per_step = step_times("all", work, args.compiler, args.steps, args.verify)
+        nones, alls, per_step = paired_step_times(work, args.compiler, args.steps, args.verify)
+        none, offloaded = statistics.median(nones), statistics.median(alls)
         extra = offloaded - none
         effective = per_step / extra / 1e9 if extra > 0 else float("inf")
+        paired = [a / n for a, n in zip(alls, nones, strict=True)]
         print(
-            f"training step ({args.compiler}, {per_step / MiB:.0f} MiB offloaded per step): "
-            f"none {none * 1e3:.0f} ms, all {offloaded * 1e3:.0f} ms, "
-            f"ratio {offloaded / none:.2f}, effective bandwidth {effective:.2f} GB/s"
+            f"training step ({args.compiler}, {per_step / MiB:.0f} MiB offloaded per step, "
+            f"{args.steps} alternated steps each): none {none * 1e3:.0f} ms, all "
+            f"{offloaded * 1e3:.0f} ms (medians), paired ratio {spread(paired)}, "
+            f"effective bandwidth {effective:.2f} GB/s"
         )
 
 
