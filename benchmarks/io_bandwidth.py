@@ -207,8 +207,12 @@ def paired_step_times(
     compiled = {}
     for policy in ("none", "all"):
         torch.manual_seed(0)
-        options = {"policy": policy, "offload_dir": directory, "compiler": compiler}
-        options["verify"] = verify
+        options = {
+            "policy": policy,
+            "offload_dir": directory,
+            "compiler": compiler,
+            "verify": verify,
+        }
         compiled[policy] = torch.compile(CheapActivations(), backend="ssdtrain", options=options)
         for _ in range(2):  # compile and warm up
             compiled[policy](x).backward()

@@ -417,17 +417,22 @@ print("pooled", engine.staging_bytes_held)
 """
 
 
-def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_path) -> None:
-    """The collector runs finalizers in whichever thread allocates, locks held or not."""
+def run_script(script: str, offload_dir) -> list[str]:
+    """Run ``script`` in a fresh interpreter (argv[1]: the offload directory); its printed words."""
     done = subprocess.run(
-        [sys.executable, "-c", GC_WHILE_LOCKED, str(tmp_path)],
+        [sys.executable, "-c", script, str(offload_dir)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split()
+
+
+def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_path) -> None:
+    """The collector runs finalizers in whichever thread allocates, locks held or not."""
     # Each finalizer ran once its thread let go of the lock: the entry released, the buffer pooled.
-    assert done.stdout.split() == ["entries", "0", "pooled", "4096"]
+    assert run_script(GC_WHILE_LOCKED, tmp_path) == ["entries", "0", "pooled", "4096"]
 
 
 STORE_WITHOUT_MEMORY = """
@@ -460,14 +465,7 @@ print("round trip", bool(torch.equal(engine.wait(again), small)))
 def test_a_store_that_cannot_allocate_its_staging_copy_gives_back_its_reservation(
     tmp_path,
 ) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", STORE_WITHOUT_MEMORY, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == [
+    assert run_script(STORE_WITHOUT_MEMORY, tmp_path) == [
         "raised", "12", "inflight", "0", "entries", "1", "round", "trip", "True",
     ]  # fmt: skip
 

@@ -232,12 +232,7 @@ class Engine:
                 self._entries[entry.id] = entry
             self._start_write(entry, buffer, copied)
         except BaseException:
-            if entry is None or entry.write is None:
-                # Nothing is being written: give back the reservation, or every
-                # later store would wait for bytes that never land.
-                self._forget(entry.id if entry is not None else None, nbytes)
-            else:  # its write settled (and gave the reservation back), then raised
-                self._forget(entry.id, 0)
+            self._forget(entry, nbytes)
             raise
         stats.add("tensors_stored")
         return make_handle(entry.id, entry.shape, self._release)
@@ -453,12 +448,20 @@ class Engine:
         stats.add("bytes_written", len(view))
         transfer.chunk_done()
 
-    def _forget(self, entry_id: int | None, nbytes: int) -> None:
-        """Undo a store that raised: no entry, no reservation."""
+    def _forget(self, entry: _Entry | None, nbytes: int) -> None:
+        """Undo a store that raised: no entry, and its reservation given back.
+
+        A write that settled gave it back itself (a failed one in keep mode,
+        whose warning ``-W error`` raises); otherwise nothing is being written,
+        and a reservation kept would have later stores wait for bytes that
+        never land.
+        """
         with self._lock:
-            self._entries.pop(entry_id, None)
-            self._inflight -= nbytes
-            self._inflight_changed.notify_all()
+            if entry is not None:
+                self._entries.pop(entry.id, None)
+            if entry is None or not entry.written:
+                self._inflight -= nbytes
+                self._inflight_changed.notify_all()
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
         free = shutil.disk_usage(self.directory).free
