@@ -17,6 +17,7 @@ from engine_helpers import block_io_thread, written
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig
+from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 
 @pytest.fixture
@@ -170,6 +171,30 @@ def test_read_buffer_returns_to_the_pool_only_when_the_restored_tensor_dies(make
     assert engine.staging_bytes_held == size  # back once the tensor died
     engine.store(u)
     assert delta(before, "staging_reused") == 1
+
+
+def vm_flags(address: int) -> list[str]:
+    """The kernel's flags for the mapping holding ``address`` (``VmFlags`` in smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and ":" not in fields[0]:  # a mapping's header line
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="reads Linux's smaps")
+def test_buffers_of_a_huge_page_and_up_ask_for_huge_pages() -> None:
+    """Fresh staging and read buffers fault in 2 MiB at a time (see ``aligned_buffer``)."""
+    large = aligned_buffer(HUGE_PAGE, populate=True)
+    small = aligned_buffer(HUGE_PAGE - ALIGNMENT, populate=True)
+    assert "hg" in vm_flags(large.data_ptr())  # MADV_HUGEPAGE
+    assert "hg" not in vm_flags(small.data_ptr())
+    assert not large.any() and not small.any()
 
 
 def resident_anonymous_bytes() -> int:
@@ -383,6 +408,7 @@ def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:
 GC_WHILE_LOCKED = """
 import faulthandler, gc, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
+from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 faulthandler.dump_traceback_later(30, exit=True)  # a deadlock fails the test, with stacks
 engine = Engine(sys.argv[1], EngineConfig(io_threads=1))
@@ -438,6 +464,7 @@ def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_pat
 STORE_WITHOUT_MEMORY = """
 import faulthandler, os, resource, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
+from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 faulthandler.dump_traceback_later(30, exit=True)  # a store that waits forever fails the test
 engine = Engine(sys.argv[1], EngineConfig(io_threads=1, staging_pool_bytes=0))
