@@ -78,6 +78,8 @@ class Options:
     staging_pool_bytes: int = _default("staging_pool_bytes")
 
     def __post_init__(self) -> None:
+        if self.offload_dir is None:  # as config.offload_dir = None: the documented default
+            object.__setattr__(self, "offload_dir", default_offload_dir())
         if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
             raise ValueError(
                 f"fxoffload option 'offload_dir' must be a non-empty path, got {self.offload_dir!r}"

@@ -63,5 +63,7 @@ def test_defaults(monkeypatch, tmp_path) -> None:
         1 << 20,
         "inductor",
     )
+    assert Options.from_dict({"offload_dir": None}).offload_dir == str(tmp_path)
     monkeypatch.delenv("FXOFFLOAD_DIR")
     assert Options().offload_dir == tempfile.gettempdir()
+    assert Options.from_dict({"offload_dir": None}).offload_dir == tempfile.gettempdir()
