@@ -5,9 +5,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
+from types import CodeType
 from typing import Any
 
 import torch
+from torch._C._dynamo.eval_frame import reset_code
+from torch._dynamo import convert_frame
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
@@ -68,17 +72,45 @@ def explain(
     The forward really runs (and, with offloading on, really writes files,
     released when its outputs are dropped here). Compile caches are bypassed
     so the partitioner runs and its decisions are seen.
+
+    Dynamo keeps compiled code per code object, and past its recompile limit
+    (``torch._dynamo.config.recompile_limit``) runs that code eagerly whatever
+    the backend. Each call here compiles with a backend of its own, so the
+    code it compiled is reset afterwards: explaining a model under many
+    option settings must not leave its training compile running eagerly.
+    Dynamo can only reset a code object as a whole, so another model of the
+    same class, compiled before, compiles again on its next call.
+
+    Raises ``RuntimeError`` when no graph that needs backward was compiled.
     """
     opts = Options.from_dict(options)
     found: list[PartitionResult] = []
     backend = functools.partial(compile_with_offloading, options=opts, on_partition=found.append)
     compiled = torch.compile(model, backend=backend)
-    with (
-        torch._functorch.config.patch(enable_autograd_cache=False),
-        torch._inductor.config.patch(fx_graph_cache=False),
-        torch.enable_grad(),
-    ):
-        compiled(*example_inputs)
+    entries_before = _cache_entry_counts()
+    try:
+        with (
+            torch._functorch.config.patch(enable_autograd_cache=False),
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch.enable_grad(),
+        ):
+            compiled(*example_inputs)
+    finally:
+        for code, count in _cache_entry_counts().items():
+            if count > entries_before.get(code, 0):
+                reset_code(code)
+    if not found:
+        raise RuntimeError(
+            "fxoffload.explain: no graph that needs backward was compiled, so nothing was "
+            "planned. Does any parameter or input require grad? If so, Dynamo ran the model "
+            "eagerly; TORCH_LOGS=recompiles,graph_breaks says why."
+        )
     return Explanation(
         [GraphExplanation(r.decisions, r.forward_code, r.backward_code) for r in found]
     )
+
+
+def _cache_entry_counts() -> dict[CodeType, int]:
+    """How many compiled entries Dynamo holds for each code object it has compiled."""
+    codes = (ref() for ref in convert_frame.input_codes.seen)
+    return {code: len(_debug_get_cache_entry_list(code)) for code in codes if code is not None}

@@ -314,6 +314,23 @@ relu       [8, 32]  float32  1024   offload   activation: held only for backward
         self.assertFalse(relu.offload)
         self.assertIn("min_bytes", relu.reason)
 
+    def test_explaining_past_the_recompile_limit_leaves_training_offloading(self) -> None:
+        # Each explain() compiles with a backend of its own; Dynamo runs a code
+        # object eagerly, for every backend, once it has recompile_limit entries.
+        for min_bytes in range(torch._dynamo.config.recompile_limit + 1):
+            e = fxoffload.explain(
+                MLP(), example_input(), options={**self.options, "min_bytes": min_bytes}
+            )
+            self.assertEqual(len(e.graphs), 1)
+        fxoffload.reset_stats()
+        compiled = torch.compile(MLP(), backend="ssdtrain", options=self.options)
+        compiled(example_input()).backward()
+        self.assertEqual(fxoffload.stats().tensors_stored, 1)
+
+    def test_explain_without_a_graph_that_needs_backward_says_so(self) -> None:
+        with self.assertRaisesRegex(RuntimeError, "no graph that needs backward"):
+            self.explain(MLP().requires_grad_(False))
+
 
 def train_once(model: torch.nn.Module, options: dict) -> list[torch.Tensor]:
     torch._dynamo.reset()
