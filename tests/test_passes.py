@@ -12,15 +12,19 @@ import re
 import tempfile
 
 import expecttest
+import pytest
 import torch
+import torch.fx as fx
 from known_rates import KNOWN_RATES
 from torch._inductor.utils import run_and_get_code
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxoffload
 from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
 from fxoffload.partitioner import PartitionResult
 from fxoffload.passes import SavedKind
+from fxoffload.passes.saved import classify_saved_values
 
 
 class MLP(torch.nn.Module):
@@ -455,3 +459,39 @@ class TestInductorSchedule(expecttest.TestCase):
     @staticmethod
     def pattern(calls: list[tuple[str, str]]) -> str:
         return "".join({"prefetch": "P", "wait": "W", "": "k"}[p] for p, _ in calls)
+
+
+def _forward_saving_relu(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = x.relu()
+    return y.sum(), y  # the loss, then the saved value
+
+
+@pytest.mark.parametrize(
+    "reads, offloaded",
+    [
+        ("mul", True),
+        ("as_strided", False),
+        ("view-as_strided", False),
+        ("view-t-as_strided", False),
+    ],
+)
+def test_as_strided_in_backward_keeps_the_saved_value(reads: str, offloaded: bool) -> None:
+    """as_strided addresses the storage; a restored tensor's starts a storage of its own."""
+    aten = torch.ops.aten
+    fw_gm = make_fx(_forward_saving_relu, tracing_mode="fake")(torch.randn(4, 4))
+    graph = fx.Graph()
+    value = graph.placeholder("relu")
+    for op in reads.split("-"):
+        if op == "mul":
+            value = graph.call_function(aten.mul.Tensor, (value, value))
+        elif op == "view":
+            value = graph.call_function(aten.view.default, (value, [16]))
+        elif op == "t":
+            value = graph.call_function(aten.t.default, (value,))
+        else:
+            value = graph.call_function(aten.as_strided.default, (value, [2], [1], 3))
+    graph.output((value,))
+    (relu,) = classify_saved_values(
+        fw_gm, fx.GraphModule({}, graph), num_fwd_outputs=1, static_input_indices=None
+    )
+    assert relu.offload is offloaded, relu.reason

@@ -157,16 +157,31 @@ def _classify(
         return SavedKind.UNSUPPORTED, (
             f"strides {list(val.stride())} leave gaps or overlap: only dense layouts are restored"
         )
-    if bw_node is not None:
-        as_strided = [u for u in bw_node.users if u.target in _AS_STRIDED_OPS]
-        if as_strided:
-            return SavedKind.UNSUPPORTED, (
-                f"backward reads it with {as_strided[0].target}, which may address "
-                "its base's storage"
-            )
+    as_strided = _as_strided_user(bw_node) if bw_node is not None else None
+    if as_strided is not None:
+        return SavedKind.UNSUPPORTED, (
+            f"backward reads it with {as_strided.target}, which may address its base's storage"
+        )
     if not dense:  # views.py stores its base for it, or keeps it
         return SavedKind.ACTIVATION, "activation, a view with gaps: offloaded through its base"
     return SavedKind.ACTIVATION, "activation: held only for backward"
+
+
+def _as_strided_user(node: fx.Node) -> fx.Node | None:
+    """An ``as_strided`` reading ``node`` directly or through views of it.
+
+    Its storage offset and strides address the storage, not the view: a
+    restored tensor starts a storage of its own, so they would read other bytes.
+    """
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        for user in current.users:
+            if user.target in _AS_STRIDED_OPS:
+                return user
+            if is_view(user) and user.args[0] is current:
+                pending.append(user)
+    return None
 
 
 def is_view(node: fx.Node) -> bool:
