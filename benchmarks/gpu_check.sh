@@ -16,6 +16,7 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD  # tests and benchmarks alike run this tree, not a stale wheel
 
 # The offload directory: the first candidate on a real disk (not tmpfs or ramfs).
 for d in ${FXOFFLOAD_DIR:-} /var/tmp /tmp "$PWD"; do
@@ -26,12 +27,15 @@ for d in ${FXOFFLOAD_DIR:-} /var/tmp /tmp "$PWD"; do
 done
 mkdir -p "$DIR"
 
+FAILED=()
 stage() {  # stage NAME SECONDS COMMAND...
-    local name=$1 limit=$2
+    local name=$1 limit=$2 status
     shift 2
     echo "=== $name (limit ${limit} s) at $(date +%T)" | tee -a "$LOG"
-    timeout "$limit" "$@" 2>&1 | tee -a "$LOG"
-    echo "=== $name: exit ${PIPESTATUS[0]} at $(date +%T)" | tee -a "$LOG"
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    status=${PIPESTATUS[0]}
+    echo "=== $name: exit $status at $(date +%T)" | tee -a "$LOG"
+    [ "$status" = 0 ] || FAILED+=("$name")
 }
 
 GPT=(--device cuda --autocast --layers 12 --width 2048 --heads 16 --seq-len 1024
@@ -50,3 +54,8 @@ stage train 200 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 5 
     --configs none,adaptive,recompute,budget-0.5 --json "$OUT/train_step.json"
 stage max-batch 140 python benchmarks/train_step.py "${GPT[@]}" --batch 8 --steps 3 \
     --configs none,adaptive --max-batch --memory-limit-gib 40 --json "$OUT/max_batch.json"
+
+if [ ${#FAILED[@]} -gt 0 ]; then  # the run's exit status says it: a log is easy to misread
+    echo "=== failed stages: ${FAILED[*]}" | tee -a "$LOG"
+    exit 1
+fi
