@@ -88,10 +88,14 @@ def test_pinned_staging_buffers_are_reused(engine) -> None:
 
 def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) -> None:
     """Its copy may still be queued: a read given that buffer would be overwritten by it."""
+    warm_up = engine.store(torch.randn(1024, 1024, device="cuda"))  # kernels loaded, memory
+    written(engine)  # pinned: nothing below synchronizes the device on a first use
+    del warm_up
     gate = block_io_thread(engine)  # no chunk gets to wait for the copy
     torch.cuda._sleep(1_000_000_000)  # the stream is busy for a while: the copy waits too
     t = torch.randn(1024, 1024, device="cuda")
     handle = engine.store(t)
+    assert not engine._entry(handle).copied.query()  # else the test would prove nothing
     del handle  # the graph was dropped: the write is cancelled
     try:
         assert engine.inflight_bytes == 0  # settled by the cancel, not by a write
@@ -104,6 +108,22 @@ def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) 
     written(engine)
     engine.prefetch(h)
     assert torch.equal(engine.wait(h), other)
+
+
+def test_a_tensor_kept_for_want_of_a_slot_comes_back_after_its_copy(tiny_tmpfs) -> None:
+    """No room for a slot fails the write before any chunk waited for the copy into
+    staging; the kept bytes must still be read only after that copy ran."""
+    engine = Engine(str(tiny_tmpfs), EngineConfig(io_threads=1))
+    try:
+        torch.cuda._sleep(1_000_000_000)  # the stream is busy: the copy stays queued
+        t = torch.randn(256, 1024, device="cuda")  # 1 MiB: more than the disk holds
+        with pytest.warns(RuntimeWarning, match="keeping the tensor in memory instead"):
+            handle = engine.store(t)
+        assert not engine._entry(handle).copied.query()  # else the test would prove nothing
+        assert torch.equal(engine.wait(handle), t)
+    finally:
+        torch.cuda.synchronize()
+        engine.close()
 
 
 class Block(torch.nn.Module):

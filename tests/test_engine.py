@@ -316,23 +316,6 @@ def test_slots_are_reused_across_steps(make_engine) -> None:
     assert len(set(sizes_seen)) == 1
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real full disk: a 64 KiB tmpfs, mounted for the test when it may be.
-
-    (A file-size rlimit would fault too, but it is process-wide: pytest's own
-    output to a file would fail with it.)"""
-    path = tmp_path / "tiny"
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    yield path
-    subprocess.run(["umount", "-l", str(path)], check=True)
-
-
 def test_failed_write_keeps_the_tensor_in_memory(tiny_tmpfs, make_engine) -> None:
     engine = make_engine(root=tiny_tmpfs)
     small, big = torch.randn(10), torch.randn(64, 1024)  # 256 KiB: no room

@@ -30,7 +30,10 @@ def reproducible(compiler: str) -> Iterator[None]:
     one run may reuse what an earlier compile or process left (kernels, or
     profile-guided dynamic shapes) while the other compiles afresh, and the
     kernels it generates (how reductions are split) depend on the thread count.
-    So caches off and one thread, for every run of an inductor test.
+    On a GPU it times candidate reduction configs on first run and keeps the
+    fastest, so two compiles may sum in different orders; ``deterministic``
+    picks without timing. So caches off, one thread and ``deterministic``, for
+    every run of an inductor test.
     """
     if compiler != "inductor":
         yield
@@ -38,7 +41,7 @@ def reproducible(compiler: str) -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with torch._inductor.config.patch(force_disable_caches=True):
+        with torch._inductor.config.patch(force_disable_caches=True, deterministic=True):
             yield
     finally:
         torch.set_num_threads(threads)

@@ -216,7 +216,7 @@ class Engine:
             staging.copy_(t, non_blocking=t.is_cuda)
             copied = None
             if t.is_cuda:
-                copied = torch.cuda.Event()
+                copied = torch.cuda.Event(blocking=True)  # I/O threads sleep in synchronize()
                 copied.record(torch.cuda.current_stream(t.device))  # where copy_ ran
             entry = _Entry(
                 id=next(_entry_ids),
@@ -258,8 +258,9 @@ class Engine:
         entry = self._entry(handle)
         assert entry.write is not None
         if entry.device.type == "cuda":
-            with self._lock:  # a failed write takes the path below (on_io_error)
-                staging = entry.staging if entry.write_error is None else None
+            with self._lock:  # a write that failed under on_io_error="raise" raises below
+                usable = entry.write_error is None or self.config.on_io_error == "keep"
+                staging = entry.staging if usable else None
                 entry.staging_shared |= staging is not None
             if staging is not None:
                 return self._forward_to_device(entry, staging)
@@ -286,6 +287,11 @@ class Engine:
 
     def _forward_to_device(self, entry: _Entry, staging: torch.Tensor) -> torch.Tensor:
         """A device copy of the pinned staging bytes, without waiting for their write.
+
+        Also the way back for a tensor whose write failed (``on_io_error="keep"``):
+        the copy into its buffer may still be queued when the write fails
+        before any chunk waited for it (no room for a slot), so only a wait on
+        ``copied`` makes its bytes safe to read.
 
         On the CPU the staging buffer itself becomes the restored tensor, which
         backward may overwrite, so forwarding there waits until it is on disk.

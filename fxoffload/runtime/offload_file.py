@@ -41,7 +41,7 @@ def aligned_buffer(
     offset 0, returned to the OS when the tensor dies): a tensor handed to
     compiled code must start at its storage's start, since inductor addresses
     buffers relative to it. Pinned buffers (for CUDA, never handed out: their
-    device copy is) are cut from a larger allocation.
+    device copy is) come from the caching host allocator.
 
     Unpinned buffers of ``HUGE_PAGE`` bytes and more ask for transparent huge
     pages (``MADV_HUGEPAGE``; many distributions give them only to memory
@@ -65,6 +65,11 @@ def aligned_buffer(
         if populate:
             buffer[:: mmap.PAGESIZE].fill_(0)  # a write per page (fresh pages are zero)
         return buffer
+    raw = torch.empty(padded, dtype=torch.uint8, pin_memory=True)
+    if raw.data_ptr() % ALIGNMENT == 0:  # cudaHostAlloc's blocks are page-aligned
+        return raw
+    # The caching host allocator rounds sizes up to a power of two, so slack for
+    # alignment is asked for only when needed: it would double a 4 MiB buffer.
     raw = torch.empty(padded + ALIGNMENT, dtype=torch.uint8, pin_memory=True)
     start = -raw.data_ptr() % ALIGNMENT
     return raw[start : start + padded]
