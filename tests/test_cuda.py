@@ -110,6 +110,23 @@ def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) 
     assert torch.equal(engine.wait(h), other)
 
 
+def test_forwarding_onto_another_stream_waits_for_the_store_copy(engine) -> None:
+    """Backward may run on another stream than forward: its copy of the staging
+    bytes must still come after the store's copy into them."""
+    gate = block_io_thread(engine)  # the write waits, so wait forwards from staging
+    torch.cuda._sleep(1_000_000_000)  # the store's stream is busy: its copy stays queued
+    t = torch.randn(1024, 1024, device="cuda")
+    handle = engine.store(t)
+    assert not engine._entry(handle).copied.query()  # else the test would prove nothing
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            restored = engine.wait(handle)
+        torch.cuda.synchronize()
+        assert torch.equal(restored, t)
+    finally:
+        gate.set()
+
+
 def test_a_tensor_kept_for_want_of_a_slot_comes_back_after_its_copy(tiny_tmpfs) -> None:
     """No room for a slot fails the write before any chunk waited for the copy into
     staging; the kept bytes must still be read only after that copy ran."""
