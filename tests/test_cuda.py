@@ -86,11 +86,17 @@ def test_pinned_staging_buffers_are_reused(engine) -> None:
         assert torch.equal(engine.wait(h), t)
 
 
+def warm_up(nbytes: int) -> None:
+    """First uses that may synchronize the device (a kernel loaded lazily, a pinned
+    allocation) happen here, before a test queues work behind a busy stream."""
+    torch.randn(nbytes // 4, device="cuda")
+    torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # cached by the host allocator
+    torch.cuda.synchronize()
+
+
 def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) -> None:
     """Its copy may still be queued: a read given that buffer would be overwritten by it."""
-    warm_up = engine.store(torch.randn(1024, 1024, device="cuda"))  # kernels loaded, memory
-    written(engine)  # pinned: nothing below synchronizes the device on a first use
-    del warm_up
+    warm_up(4 << 20)
     gate = block_io_thread(engine)  # no chunk gets to wait for the copy
     torch.cuda._sleep(1_000_000_000)  # the stream is busy for a while: the copy waits too
     t = torch.randn(1024, 1024, device="cuda")
@@ -113,6 +119,7 @@ def test_a_write_cancelled_before_its_copy_ran_does_not_pool_the_buffer(engine) 
 def test_forwarding_onto_another_stream_waits_for_the_store_copy(engine) -> None:
     """Backward may run on another stream than forward: its copy of the staging
     bytes must still come after the store's copy into them."""
+    warm_up(4 << 20)
     gate = block_io_thread(engine)  # the write waits, so wait forwards from staging
     torch.cuda._sleep(1_000_000_000)  # the store's stream is busy: its copy stays queued
     t = torch.randn(1024, 1024, device="cuda")
@@ -131,6 +138,7 @@ def test_a_tensor_kept_for_want_of_a_slot_comes_back_after_its_copy(tiny_tmpfs) 
     """No room for a slot fails the write before any chunk waited for the copy into
     staging; the kept bytes must still be read only after that copy ran."""
     engine = Engine(str(tiny_tmpfs), EngineConfig(io_threads=1))
+    warm_up(1 << 20)
     try:
         torch.cuda._sleep(1_000_000_000)  # the stream is busy: the copy stays queued
         t = torch.randn(256, 1024, device="cuda")  # 1 MiB: more than the disk holds
