@@ -391,7 +391,6 @@ def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:
 GC_WHILE_LOCKED = """
 import faulthandler, gc, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
-from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 faulthandler.dump_traceback_later(30, exit=True)  # a deadlock fails the test, with stacks
 engine = Engine(sys.argv[1], EngineConfig(io_threads=1))
@@ -447,7 +446,6 @@ def test_a_collection_while_a_runtime_lock_is_held_defers_the_finalizers(tmp_pat
 STORE_WITHOUT_MEMORY = """
 import faulthandler, os, resource, sys, time, torch
 from fxoffload.runtime import Engine, EngineConfig
-from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 faulthandler.dump_traceback_later(30, exit=True)  # a store that waits forever fails the test
 engine = Engine(sys.argv[1], EngineConfig(io_threads=1, staging_pool_bytes=0))
