@@ -37,10 +37,25 @@ except ImportError as e:
     ) from e
 """A context in which tensor factories make real tensors even under a fake mode."""
 
+try:
+    from torch._prims.rng_prims import run_and_save_rng_state
+except ImportError as e:
+    raise ImportError(
+        f"fxoffload needs torch._prims.rng_prims.run_and_save_rng_state; "
+        f"torch {torch.__version__} lacks it"
+    ) from e
+"""The higher-order op whose output 0 is the RNG state checkpointed random ops save."""
+
 
 def size_hint(value: int | torch.SymInt) -> int:
     """A concrete size for cost decisions; adds no guard under dynamic shapes."""
     return int(_hint(value))
 
 
-__all__ = ["CustomPartitionerFn", "get_hash_for_files", "real_tensors", "size_hint"]
+__all__ = [
+    "CustomPartitionerFn",
+    "get_hash_for_files",
+    "real_tensors",
+    "run_and_save_rng_state",
+    "size_hint",
+]

@@ -60,7 +60,7 @@ def compile_with_offloading(
     if options.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        from fxoffload import lowering  # noqa: F401  (registers the lowering of wait)
+        from fxoffload import lowering  # noqa: F401  (registers the lowerings of store and wait)
 
         return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(partitioner))
     return aot_autograd(

@@ -1,30 +1,53 @@
-"""Inductor's lowering of ``ssdtrain::wait``: what it returns is aligned.
+"""Inductor's lowerings of ``ssdtrain::store`` and ``ssdtrain::wait``.
 
-Inductor runs our ops as fallbacks (opaque calls), and it takes a fallback's
-output to be unaligned when any of its tensor inputs is. Every CPU graph input
-counts as unaligned, so the CPU handle made every restored activation
-"unaligned": Triton kernels reading one were compiled without divisibility
-hints, with narrower loads and reductions that sum in another order. On an
-H200 that made gradients differ from ``policy="none"`` in the last bits
-(a two-block attention model, float32 and bfloat16 autocast alike).
+``store``: its input is laid out as it would be as a saved value. Without
+offloading, a saved value is a forward output, and inductor fixes an
+output's strides to its traced ones when it lowers the node that makes it;
+other users then adapt to that buffer. Offloaded, the value is no longer an
+output, and an op inserted by a pass gets no layout constraint at all (its
+``needs_exact_strides`` tag applies only to ops traced from user code): the
+store, lowered right after the value, froze it contiguous, and a user that
+wanted the traced layout (attention after a rotary embedding) got a second
+buffer from the same kernel, whose loop order and vectorization then
+differed from ``policy="none"``'s, and so did the last bits. So the lowering
+asks for what being an output asks for, at the same point in the graph.
 
-What ``wait`` returns always starts its own allocation: a fresh device copy,
-or the front of an engine buffer (4 KiB-aligned), never a view at an offset.
-So this lowering is inductor's own fallback, minus the unaligned mark.
+``wait``: what it returns is aligned. Inductor takes a fallback's output to
+be unaligned when any of its tensor inputs is, and every CPU graph input
+(our handles) counts as unaligned; Triton kernels reading a restored
+activation were then compiled without divisibility hints and summed in
+another order. ``wait`` returns a fresh allocation or the front of a 4 KiB-
+aligned engine buffer, never a view at an offset, so its output is marked
+aligned.
 """
 
 from __future__ import annotations
 
-from torch._inductor import lowering
+from torch._inductor import ir
+from torch._inductor import lowering as inductor_lowering
 from torch._inductor.virtualized import V
 
 from fxoffload import ops
 
-_fallback = lowering.fallback_handler(ops.wait, add_to_fallback_set=False)
+_store_fallback = inductor_lowering.fallback_handler(ops.store, add_to_fallback_set=False)
+_wait_fallback = inductor_lowering.fallback_handler(ops.wait, add_to_fallback_set=False)
 
 
-@lowering.register_lowering(ops.wait, type_promotion_kind=None)
+@inductor_lowering.register_lowering(ops.store, type_promotion_kind=None)
+def _lower_store(x, offload_dir, dim_order):
+    traced = V.graph.current_node.args[0].meta["val"]
+    strides = traced.stride()
+    # As inductor's GraphLowering.run_node does for an output that is not user visible.
+    if traced._is_view() or isinstance(x.data, ir.BaseView):
+        order = ir.get_stride_order(strides)
+        x = ir.ExternKernel.require_stride_order(x, order, allow_padding=True)
+    else:
+        x = ir.ExternKernel.require_exact_strides(x, strides, allow_padding=True)
+    return _store_fallback(x, offload_dir, dim_order)
+
+
+@inductor_lowering.register_lowering(ops.wait, type_promotion_kind=None)
 def _lower_wait(*args, **kwargs):
-    restored = _fallback(*args, **kwargs)
+    restored = _wait_fallback(*args, **kwargs)
     V.graph.unaligned_buffers.discard(restored.get_name())
     return restored

@@ -19,8 +19,9 @@ it holds no memory as far as any memory planner can tell.
 ``dim_order`` (outermost dimension first) fixes the layout of what ``wait``
 returns: the fake and the real implementation build it the same way, which is
 what inductor's output-stride checks rely on. ``store`` carries the
-``needs_exact_strides`` tag so that inductor hands it ``x`` exactly as traced
-(a transposed saved value stays transposed).
+``needs_exact_strides`` tag, but inductor applies the tag only to ops traced
+from user code; for ours, ``fxoffload/lowering.py`` lays ``x`` out as it would
+be without offloading.
 """
 
 from __future__ import annotations

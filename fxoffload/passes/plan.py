@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxoffload.options import Options
 from fxoffload.passes.costs import DeviceCosts, start_times
-from fxoffload.passes.saved import SavedValue
+from fxoffload.passes.saved import SavedValue, backward_inputs
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def _transfers(
 ) -> list[Transfer]:
     """Each candidate's timing; a value is made when the node after its own starts."""
     fw_nodes = {n.name: n for n in fw_graph.nodes}
-    bw_nodes = {n.name: n for n in bw_graph.find_nodes(op="placeholder")}
+    bw_nodes = backward_inputs(bw_graph)
     transfers = []
     for value in candidates:
         made = fw_nodes[value.name]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from fxoffload import ops
-from fxoffload.passes.saved import META_KEY, SavedValue, dense_dim_order
+from fxoffload.passes.saved import META_KEY, SavedValue, backward_inputs, dense_dim_order
 from fxoffload.passes.views import Stored
 
 
@@ -60,26 +60,27 @@ def insert_wait_ops(
     bw_gm: fx.GraphModule, stores: list[Stored], records: dict[str, SavedValue]
 ) -> None:
     graph = bw_gm.graph
-    placeholders = {n.name: n for n in graph.find_nodes(op="placeholder")}
+    placeholders = backward_inputs(graph)
     position = {n: i for i, n in enumerate(graph.nodes)}
     for store in stores:
-        members = [placeholders[m] for m in store.members]
+        members = {name: placeholders[name] for name in store.members}
         handles = {}
-        for member in members:
+        for name, member in members.items():
             with graph.inserting_before(member):
-                handles[member] = graph.placeholder(f"{member.name}_handle")
-            handles[member].meta[META_KEY] = records[member.name]
-        first = handles[members[0]]
+                handles[name] = graph.placeholder(f"{member.name}_handle")
+            handles[name].meta[META_KEY] = records[name]
+        first = handles[store.members[0]]
         first.meta[META_KEY] = records[store.value]
-        first_use = min((u for m in members for u in m.users), key=position.__getitem__)
+        uses = (u for m in members.values() for u in m.users)
+        first_use = min(uses, key=position.__getitem__)
         with graph.inserting_before(first_use):
             restored = _prefetch_and_wait(graph, first, store)
             rebuilt = _replay_views(graph, restored, store)
         with store.val.fake_mode:  # as in forward, where every member's slot holds one handle
             handle_val = ops.store(store.val, "", dense_dim_order(store.val))
-        for member in members:
-            handles[member].meta["val"] = handle_val
-            member.replace_all_uses_with(rebuilt[member.name])
+        for name, member in members.items():
+            handles[name].meta["val"] = handle_val
+            member.replace_all_uses_with(rebuilt[name])
             graph.erase_node(member)
     graph.lint()
     bw_gm.recompile()

@@ -1,22 +1,28 @@
 """Find the values the forward graph saves for backward and classify each.
 
 After the partitioner, the forward graph returns
-``(*user_outputs, *saved_tensors, *saved_opaque, *saved_symints)``; the
-backward graph takes the saved values as placeholders of the same names. Only
-saved tensors that nobody else keeps alive are worth offloading; everything
-else is classified with the reason it stays.
+``(*user_outputs, *saved_tensors, *saved_opaque, *saved_symints)`` and the
+backward graph takes ``(*saved_symints, *saved_tensors, *saved_opaque, ...)``:
+AOTAutograd passes saved values by position, and their names need not match
+(the partitioner names a saved RNG state ``rng_state_output_0`` in backward).
+So forward nodes and backward placeholders are paired here, once, by position,
+and each backward placeholder carries its saved value's record in
+``meta[META_KEY]``; later passes find it there. Only saved tensors that nobody
+else keeps alive are worth offloading; everything else is classified with the
+reason it stays.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import operator
 
 import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fxoffload._compat import size_hint
+from fxoffload._compat import run_and_save_rng_state, size_hint
 
 META_KEY = "fxoffload"
 """``node.meta`` key holding a node's :class:`SavedValue` (forward and backward)."""
@@ -39,6 +45,10 @@ class SavedKind(enum.Enum):
     """Also returned by forward (or a view of a returned tensor): alive anyway."""
     NOT_TENSOR = "not a tensor"
     """A symint or opaque object: nothing to offload."""
+    EMPTY = "empty"
+    """No elements (an op's unused workspace, which may even be None at run time): kept."""
+    RNG_STATE = "rng state"
+    """A generator's state, saved so that backward replays a random op exactly: kept."""
     UNSUPPORTED = "unsupported"
     """A tensor whose layout or use we cannot restore exactly."""
 
@@ -74,6 +84,50 @@ def saved_value_nodes(fw_gm: fx.GraphModule, num_fwd_outputs: int) -> list[fx.No
     return [n for n in outputs.args[0][num_fwd_outputs:] if isinstance(n, fx.Node)]
 
 
+def pair_saved_values(
+    fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, num_fwd_outputs: int
+) -> list[tuple[fx.Node, fx.Node]]:
+    """Each saved value's forward node with the backward placeholder it is passed to.
+
+    By position, as AOTAutograd passes them: the symints that forward returns
+    last, backward takes first. Raises if the two graphs disagree on a saved
+    tensor's dtype or rank, which would mean that convention has changed.
+    """
+    saved = saved_value_nodes(fw_gm, num_fwd_outputs)
+    inputs = bw_gm.graph.find_nodes(op="placeholder")
+    symbolic = 0
+    while symbolic < len(saved) and _is_symbolic(saved[len(saved) - 1 - symbolic].meta.get("val")):
+        symbolic += 1
+    others = len(saved) - symbolic
+    order = inputs[symbolic : symbolic + others] + inputs[:symbolic]
+    if len(order) != len(saved):
+        raise RuntimeError(
+            f"fxoffload: forward saves {len(saved)} values but backward takes "
+            f"{len(inputs)} inputs; cannot pair them"
+        )
+    for fw_node, bw_node in zip(saved, order, strict=True):
+        fw_val, bw_val = fw_node.meta.get("val"), bw_node.meta.get("val")
+        if isinstance(fw_val, torch.Tensor) and not (
+            isinstance(bw_val, torch.Tensor)
+            and bw_val.dtype == fw_val.dtype
+            and bw_val.dim() == fw_val.dim()
+        ):
+            raise RuntimeError(
+                f"fxoffload: saved value {fw_node.name} ({fw_val.dtype}, {fw_val.dim()} dims) "
+                f"does not match backward input {bw_node.name} at its position"
+            )
+    return list(zip(saved, order, strict=True))
+
+
+def backward_inputs(bw_graph: fx.Graph) -> dict[str, fx.Node]:
+    """Each saved value's backward placeholder, by the saved value's (forward) name."""
+    return {
+        n.meta[META_KEY].name: n
+        for n in bw_graph.find_nodes(op="placeholder")
+        if META_KEY in n.meta
+    }
+
+
 def classify_saved_values(
     fw_gm: fx.GraphModule,
     bw_gm: fx.GraphModule,
@@ -88,17 +142,16 @@ def classify_saved_values(
     user_outputs = [n for n in outputs.args[0][:num_fwd_outputs] if isinstance(n, fx.Node)]
     input_storages = _storages(placeholders)
     output_storages = _storages(user_outputs)
-    bw_placeholders = {n.name: n for n in bw_gm.graph.find_nodes(op="placeholder")}
 
     records = []
-    for node in saved_value_nodes(fw_gm, num_fwd_outputs):
+    for node, bw_node in pair_saved_values(fw_gm, bw_gm, num_fwd_outputs):
         kind, reason = _classify(
             node,
             static=static,
             user_outputs=user_outputs,
             input_storages=input_storages,
             output_storages=output_storages,
-            bw_node=bw_placeholders.get(node.name),
+            bw_node=bw_node,
         )
         val = node.meta.get("val")
         is_tensor = isinstance(val, torch.Tensor)
@@ -112,19 +165,24 @@ def classify_saved_values(
             reason=reason,
         )
         records.append(record)
-    tag_saved_values(fw_gm, bw_gm, records)
+        node.meta[META_KEY] = bw_node.meta[META_KEY] = record
     return records
 
 
 def tag_saved_values(
     fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, records: list[SavedValue]
 ) -> None:
-    """Store each record in ``meta[META_KEY]`` of its forward node and backward placeholder."""
+    """Replace the records in ``meta[META_KEY]`` of the forward nodes and backward placeholders.
+
+    Forward nodes are found by name; backward placeholders by the record
+    ``classify_saved_values`` left on them.
+    """
     by_name = {r.name: r for r in records}
-    for gm in (fw_gm, bw_gm):
-        for node in gm.graph.nodes:
-            if node.name in by_name and (gm is fw_gm or node.op == "placeholder"):
-                node.meta[META_KEY] = by_name[node.name]
+    for node in fw_gm.graph.nodes:
+        if node.name in by_name:
+            node.meta[META_KEY] = by_name[node.name]
+    for name, node in backward_inputs(bw_gm.graph).items():
+        node.meta[META_KEY] = by_name[name]
 
 
 def _classify(
@@ -134,11 +192,17 @@ def _classify(
     user_outputs: list[fx.Node],
     input_storages: dict[StorageWeakRef, fx.Node],
     output_storages: dict[StorageWeakRef, fx.Node],
-    bw_node: fx.Node | None,
+    bw_node: fx.Node,
 ) -> tuple[SavedKind, str]:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor):
         return SavedKind.NOT_TENSOR, f"{type(val).__name__}, not a tensor"
+    if size_hint(val.numel()) == 0:
+        return SavedKind.EMPTY, "no elements: nothing to write (it may be None at run time)"
+    if _is_rng_state(node):
+        return SavedKind.RNG_STATE, (
+            "RNG state that backward replays a random op with: a few KB, kept"
+        )
     if node in static:
         return SavedKind.STATIC_INPUT, "parameter or buffer: lives for the whole run"
     if node.op == "placeholder":
@@ -157,7 +221,7 @@ def _classify(
         return SavedKind.UNSUPPORTED, (
             f"strides {list(val.stride())} leave gaps or overlap: only dense layouts are restored"
         )
-    as_strided = _as_strided_user(bw_node) if bw_node is not None else None
+    as_strided = _as_strided_user(bw_node)
     if as_strided is not None:
         return SavedKind.UNSUPPORTED, (
             f"backward reads it with {as_strided.target}, which may address its base's storage"
@@ -165,6 +229,18 @@ def _classify(
     if not dense:  # views.py stores its base for it, or keeps it
         return SavedKind.ACTIVATION, "activation, a view with gaps: offloaded through its base"
     return SavedKind.ACTIVATION, "activation: held only for backward"
+
+
+def _is_symbolic(val: object) -> bool:
+    return isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _is_rng_state(node: fx.Node) -> bool:
+    """Whether ``node`` is the state half of ``run_and_save_rng_state`` (checkpointed dropout)."""
+    if node.target is not operator.getitem or node.args[1] != 0:
+        return False
+    source = node.args[0]
+    return isinstance(source, fx.Node) and source.target is run_and_save_rng_state
 
 
 def _as_strided_user(node: fx.Node) -> fx.Node | None:
