@@ -7,6 +7,7 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,8 @@ def compile_with_offloading(
     costs = None
     if options.policy != "none":
         engine = registry.engine_for(options.offload_dir, options.engine_config())
+        # The first compile on a directory sets its engine up; plan with what it enforces.
+        options = dataclasses.replace(options, **dataclasses.asdict(engine.config))
         costs = device_costs(options, engine, _device_of(example_inputs))
     partitioner = OffloadPartitioner(options, costs, on_partition)
     if options.compiler == "inductor":

@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from fxoffload.options import Options
 from fxoffload.passes.costs import DeviceCosts
-from fxoffload.passes.plan import plan_offload
+from fxoffload.passes.plan import plan_stores, select_candidates
 from fxoffload.passes.rewrite import insert_store_ops, insert_wait_ops
 from fxoffload.passes.saved import (
     META_KEY,
@@ -40,20 +40,24 @@ def offload_saved_activations(
     saved = classify_saved_values(
         fw_gm, bw_gm, num_fwd_outputs=num_fwd_outputs, static_input_indices=static_input_indices
     )
-    # Step 2: choose what to offload.
-    planned = plan_offload(saved, fw_gm.graph, bw_gm.graph, options=options, costs=costs)
-    # Step 3: store a base once for several saved views of it.
+    # Step 2: the candidates, by policy and min_bytes.
+    planned = select_candidates(saved, options)
+    # Step 3: the stores they make: a base once for its saved views.
     planned, stores = group_views(fw_gm, planned)
+    # Step 4: under "adaptive", keep the stores whose I/O the disk cannot hide.
+    planned, stores = plan_stores(
+        planned, stores, fw_gm.graph, bw_gm.graph, options=options, costs=costs
+    )
     tag_saved_values(fw_gm, bw_gm, planned)
     if not stores:
         return planned
-    # Step 4: store in forward, wait in backward.
+    # Step 5: store in forward, wait in backward.
     records = {v.name: v for v in planned}
     insert_store_ops(
         fw_gm, stores, records, num_fwd_outputs=num_fwd_outputs, offload_dir=options.offload_dir
     )
     insert_wait_ops(bw_gm, stores, records)
     erase_unused_views(fw_gm, stores)
-    # Step 5: issue each read early enough to end before its wait, by the cost model.
+    # Step 6: issue each read as late as the timeline the plan used allows.
     schedule_prefetches(bw_gm, costs, options=options)
     return planned

@@ -1,21 +1,26 @@
-"""Choose which candidate activations to offload under the configured policy.
+"""Choose what to offload: the candidates by policy, then, under ``"adaptive"``, the stores
+whose I/O the disk hides.
 
-``"adaptive"`` offloads what the disk can hide behind compute, by the cost
-model of ``costs.py``. Two queues are simulated, each served one transfer at
-a time in the order the graphs need them:
+``select_candidates`` applies ``policy`` and ``min_bytes`` to the saved values;
+``views.py`` then groups them into the stores the graph will really get (a
+view's bytes are written as its base's, from when the base is made);
+``plan_stores`` decides each store on the timeline of ``timeline.py``, the
+same one ``schedule.py`` places the reads by.
 
-- writes, in forward, in the order the values are produced: a write must end
-  before forward does (after that, the tensor is still in memory at the peak,
-  the start of backward, and its write competes with backward's reads), and
-  a store must not wait on ``max_inflight_bytes``;
-- reads, in backward, in the order of first use, each starting as soon as
-  the disk is free and the prefetched bytes not yet used fit
-  ``prefetch_budget_bytes``: a read must end before its value's first use.
+A store is accepted, in the order forward makes the values, if:
 
-Candidates are taken in production order, each kept if adding it would make
-any transfer late. The earliest-made activations have the most forward left
-to write them in and are needed last in backward; the last layers' ones are
-needed first, and stay.
+- its write, queued behind the accepted ones, ends before forward does
+  (after that, the tensor is still in memory at the peak, the start of
+  backward, and its write competes with backward's reads), and the store
+  does not wait on ``max_inflight_bytes`` (the engine's own setting);
+- every accepted read, its own included, still ends before its first use
+  when each is read as late as it can be.
+
+The earliest-made activations have the most forward left to write them in
+and are needed last in backward; the last layers' ones are needed first, and
+stay. Finally, if the reads would hold more than ``prefetch_budget_bytes`` at
+once, the latest-made stores among those holding the bytes are kept, one at a
+time, until they fit.
 """
 
 from __future__ import annotations
@@ -29,13 +34,21 @@ import torch.fx as fx
 from fxoffload.options import Options
 from fxoffload.passes.costs import DeviceCosts, start_times
 from fxoffload.passes.saved import SavedValue, backward_inputs
+from fxoffload.passes.timeline import (
+    Read,
+    ReadQueue,
+    WriteQueue,
+    latest_starts,
+    peak_bytes_read_ahead,
+)
+from fxoffload.passes.views import Stored
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class Transfer:
-    """A candidate's timing: when forward makes it and when backward first reads it."""
+    """A store's timing: when forward makes its bytes and when backward first reads them."""
 
     name: str
     nbytes: int
@@ -43,22 +56,9 @@ class Transfer:
     first_use: float
 
 
-def plan_offload(
-    saved: list[SavedValue],
-    fw_graph: fx.Graph,
-    bw_graph: fx.Graph,
-    *,
-    options: Options,
-    costs: DeviceCosts | None,
-) -> list[SavedValue]:
-    """Return the records with their final ``offload`` decision and reason.
-
-    ``"all"`` offloads every candidate of at least ``min_bytes``; ``"none"``
-    offloads nothing (the baseline); ``"adaptive"`` (which needs ``costs``)
-    offloads the candidates whose transfers the model says are hidden.
-    Non-candidates keep their classification.
-    """
-    planned = []
+def select_candidates(saved: list[SavedValue], options: Options) -> list[SavedValue]:
+    """Apply ``policy="none"`` and ``min_bytes``; the rest keep their classification."""
+    selected = []
     for value in saved:
         if value.offload and options.policy == "none":
             value = dataclasses.replace(value, offload=False, reason='policy "none"')
@@ -68,121 +68,142 @@ def plan_offload(
                 offload=False,
                 reason=f"{value.nbytes} bytes < min_bytes={options.min_bytes}",
             )
-        planned.append(value)
-    if options.policy == "adaptive":
-        if costs is None:
-            raise ValueError('policy "adaptive" needs device costs')
-        fw_starts, bw_starts = start_times(fw_graph, costs), start_times(bw_graph, costs)
-        candidates = [v for v in planned if v.offload]
-        transfers = _transfers(candidates, fw_graph, fw_starts, bw_graph, bw_starts)
-        (output,) = fw_graph.find_nodes(op="output")
-        reasons = plan_adaptive(transfers, fw_end=fw_starts[output], costs=costs, options=options)
-        planned = [
-            dataclasses.replace(v, offload=reasons[v.name][0], reason=reasons[v.name][1])
-            if v.name in reasons
-            else v
-            for v in planned
-        ]
-    for value in planned:
-        if not value.offload:
-            log.debug("keep %s: %s", value.name, value.reason)
-    return planned
+        selected.append(value)
+    return selected
+
+
+def plan_stores(
+    planned: list[SavedValue],
+    stores: list[Stored],
+    fw_graph: fx.Graph,
+    bw_graph: fx.Graph,
+    *,
+    options: Options,
+    costs: DeviceCosts | None,
+) -> tuple[list[SavedValue], list[Stored]]:
+    """Under ``"adaptive"``, keep the stores the model says cannot be hidden.
+
+    Returns the records (a kept store's members say why; a base that was not
+    itself saved is dropped with its store) and the stores that remain.
+    """
+    if options.policy != "adaptive":
+        return planned, stores
+    if costs is None:
+        raise ValueError('policy "adaptive" needs device costs')
+    fw_starts, bw_starts = start_times(fw_graph, costs), start_times(bw_graph, costs)
+    transfers = _transfers(stores, fw_graph, fw_starts, bw_graph, bw_starts)
+    (output,) = fw_graph.find_nodes(op="output")
+    decisions = plan_adaptive(transfers, fw_end=fw_starts[output], costs=costs, options=options)
+    records = {v.name: v for v in planned}
+    kept_stores = []
+    for store in stores:
+        offload, why = decisions[store.value]
+        if offload:
+            record = records[store.value]
+            if store.value not in store.members:  # keep saying what it is stored for
+                why = f"{record.reason}; {why}"
+            records[store.value] = dataclasses.replace(record, reason=why)
+            kept_stores.append(store)
+            continue
+        if store.value not in store.members:  # a base stored only for its views
+            del records[store.value]
+        for name in store.members:
+            records[name] = dataclasses.replace(
+                records[name], offload=False, rebuilt_from=None, reason=why
+            )
+            log.debug("keep %s: %s", name, why)
+    return [records[v.name] for v in planned if v.name in records], kept_stores
 
 
 def plan_adaptive(
     transfers: list[Transfer], *, fw_end: float, costs: DeviceCosts, options: Options
 ) -> dict[str, tuple[bool, str]]:
-    """Decide each transfer: ``name -> (offload, reason)``."""
+    """Decide each transfer: ``name -> (offload, reason)``. O(n log n)."""
     safety = options.io_safety
+    reads = {
+        t.name: Read(t.name, t.first_use, safety * costs.read_time(t.nbytes), t.nbytes)
+        for t in transfers
+    }
+    read_queue, write_queue = ReadQueue(list(reads.values())), WriteQueue()
     decisions: dict[str, tuple[bool, str]] = {}
     accepted: list[Transfer] = []
-    write_free = 0.0  # when the disk finishes the accepted writes so far
-    writes: list[tuple[float, int]] = []  # (end, bytes) of each accepted write
+    write_ends: dict[str, float] = {}
     for t in sorted(transfers, key=lambda t: t.produced):
+        waiting = write_queue.bytes_waiting(t.produced)
+        write_seconds = safety * costs.write_time(t.nbytes)
+        write_end = write_queue.end_if_added(t.produced, write_seconds)
+        slack, tightest = read_queue.slack_if_added(reads[t.name])
         if t.nbytes > options.prefetch_budget_bytes:
-            decisions[t.name] = (
-                False,
-                f"{t.nbytes} bytes > prefetch_budget_bytes={options.prefetch_budget_bytes}",
-            )
-            continue
-        waiting = sum(b for end, b in writes if end > t.produced)
-        if waiting + t.nbytes > options.max_inflight_bytes:
-            decisions[t.name] = (
-                False,
+            why = f"{t.nbytes} bytes > prefetch_budget_bytes={options.prefetch_budget_bytes}"
+        elif waiting + t.nbytes > options.max_inflight_bytes:
+            why = (
                 f"store would wait: {waiting} bytes still being written "
-                f"(max_inflight_bytes={options.max_inflight_bytes})",
+                f"(max_inflight_bytes={options.max_inflight_bytes})"
             )
+        elif write_end > fw_end:
+            why = f"write would end {_ms(write_end - fw_end)} after forward"
+        elif slack < 0:
+            who = "its read" if tightest == t.name else f"reading it would make {tightest}'s read"
+            why = f"{who} end {_ms(-slack)} after first use in backward"
+        else:
+            read_queue.add(reads[t.name])
+            write_ends[t.name] = write_queue.add(t.produced, write_seconds, t.nbytes)
+            accepted.append(t)
             continue
-        write_end = max(t.produced, write_free) + safety * costs.write_time(t.nbytes)
-        if write_end > fw_end:
-            decisions[t.name] = (False, f"write would end {_ms(write_end - fw_end)} after forward")
-            continue
-        late = _late_reads([*accepted, t], costs, options)
-        if late:
-            name, by = late
-            who = "its read" if name == t.name else f"reading it would make {name}'s read"
-            decisions[t.name] = (False, f"{who} end {_ms(by)} after first use in backward")
-            continue
-        accepted.append(t)
-        writes.append((write_end, t.nbytes))
-        write_free = write_end
-    read_ends = _read_ends(accepted, costs, options)
-    for t, (write_end, _) in zip(accepted, writes, strict=True):
+        decisions[t.name] = (False, why)
+    accepted = _fit_prefetch_budget(accepted, reads, decisions, options.prefetch_budget_bytes)
+    starts = latest_starts([reads[t.name] for t in accepted])
+    for t in accepted:
+        read_end = starts[t.name] + reads[t.name].seconds
         decisions[t.name] = (
             True,
-            f"hidden: written {_ms(fw_end - write_end)} before forward ends, "
-            f"read {_ms(t.first_use - read_ends[t.name])} before first use",
+            f"hidden: written {_ms(fw_end - write_ends[t.name])} before forward ends, "
+            f"read from {_ms(starts[t.name])} into backward, "
+            f"{_ms(max(t.first_use - read_end, 0.0))} before first use",
         )
     return decisions
 
 
-def _late_reads(
-    transfers: list[Transfer], costs: DeviceCosts, options: Options
-) -> tuple[str, float] | None:
-    """The first read that would end after its value's first use, and by how much."""
-    ends = _read_ends(transfers, costs, options)
-    for t in sorted(transfers, key=lambda t: t.first_use):
-        if ends[t.name] > t.first_use:
-            return t.name, ends[t.name] - t.first_use
-    return None
-
-
-def _read_ends(transfers: list[Transfer], costs: DeviceCosts, options: Options) -> dict[str, float]:
-    """When each read ends: in order of first use, as early as the disk and budget allow."""
-    ends: dict[str, float] = {}
-    disk_free = 0.0
-    held: list[Transfer] = []  # read, not yet used
-    for t in sorted(transfers, key=lambda t: t.first_use):
-        start = disk_free
-        while True:
-            held = [h for h in held if h.first_use > start]
-            if sum(h.nbytes for h in held) + t.nbytes <= options.prefetch_budget_bytes:
-                break
-            start = min(h.first_use for h in held)
-        disk_free = ends[t.name] = start + options.io_safety * costs.read_time(t.nbytes)
-        held.append(t)
-    return ends
+def _fit_prefetch_budget(
+    accepted: list[Transfer],
+    reads: dict[str, Read],
+    decisions: dict[str, tuple[bool, str]],
+    budget: int,
+) -> list[Transfer]:
+    """Keep the latest-made stores among those read ahead at the peak until the peak fits."""
+    order = {t.name: i for i, t in enumerate(accepted)}
+    while accepted:
+        chosen = [reads[t.name] for t in accepted]
+        peak, holding = peak_bytes_read_ahead(chosen, latest_starts(chosen))
+        if peak <= budget:
+            break
+        latest = max(holding, key=lambda r: order[r.name])
+        decisions[latest.name] = (
+            False,
+            f"reads would hold {peak} bytes ahead of use (prefetch_budget_bytes={budget})",
+        )
+        accepted = [t for t in accepted if t.name != latest.name]
+    return accepted
 
 
 def _transfers(
-    candidates: list[SavedValue],
+    stores: list[Stored],
     fw_graph: fx.Graph,
     fw_starts: dict[fx.Node, float],
     bw_graph: fx.Graph,
     bw_starts: dict[fx.Node, float],
 ) -> list[Transfer]:
-    """Each candidate's timing; a value is made when the node after its own starts."""
+    """Each store's timing; its bytes exist when the node after the one that makes them starts."""
     fw_nodes = {n.name: n for n in fw_graph.nodes}
-    bw_nodes = backward_inputs(bw_graph)
+    bw_inputs = backward_inputs(bw_graph)
     transfers = []
-    for value in candidates:
-        made = fw_nodes[value.name]
-        uses = bw_nodes[value.name].users if value.name in bw_nodes else {}
+    for store in stores:
+        uses = [u for m in store.members if m in bw_inputs for u in bw_inputs[m].users]
         transfers.append(
             Transfer(
-                name=value.name,
-                nbytes=value.nbytes,
-                produced=fw_starts[made.next],
+                name=store.value,
+                nbytes=store.nbytes,
+                produced=fw_starts[fw_nodes[store.value].next],
                 first_use=min((bw_starts[u] for u in uses), default=math.inf),
             )
         )

@@ -1,9 +1,9 @@
 """Place each backward prefetch so that its read ends, by the cost model, before its wait.
 
-Reads go one at a time, in the order backward needs them. Working back from
-the last wait, each read gets the latest start that still ends before its
-own wait and before the next read must start (its read time times
-``io_safety``, the modelled margin). Its prefetch then goes after the last
+Each read gets the latest start of ``timeline.py``, the schedule the planner
+accepted the stores by: one at a time in the order backward needs them, each
+ending before its own wait and before the next read must start (its read
+time times ``io_safety``, the modelled margin). Its prefetch then goes after the last
 node that starts no later than that, but never before the previous
 prefetch, nor while the values read ahead and not yet used would exceed
 ``prefetch_budget_bytes`` (then it goes right after the wait that frees
@@ -19,6 +19,7 @@ from fxoffload import ops
 from fxoffload.options import Options
 from fxoffload.passes.costs import DeviceCosts, start_times
 from fxoffload.passes.saved import META_KEY
+from fxoffload.passes.timeline import Read, latest_starts
 
 
 def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: Options) -> None:
@@ -27,7 +28,12 @@ def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: O
     if not waits:
         return
     starts = start_times(graph, costs)
-    latest = latest_read_starts(waits, starts, costs, io_safety=options.io_safety)
+    reads = [
+        Read(w.name, starts[w], options.io_safety * costs.read_time(_nbytes(w)), _nbytes(w))
+        for w in waits
+    ]
+    latest_by_name = latest_starts(reads)
+    latest = {w: latest_by_name[w.name] for w in waits}
     nodes = list(graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     first = index[graph.find_nodes(op="placeholder")[-1]]
@@ -54,18 +60,6 @@ def schedule_prefetches(bw_gm: fx.GraphModule, costs: DeviceCosts, *, options: O
         pending.append(wait)
     graph.lint()
     bw_gm.recompile()
-
-
-def latest_read_starts(
-    waits: list[fx.Node], starts: dict[fx.Node, float], costs: DeviceCosts, *, io_safety: float
-) -> dict[fx.Node, float]:
-    """Each wait's latest modelled read start (negative: the read cannot be hidden)."""
-    latest: dict[fx.Node, float] = {}
-    must_end = float("inf")
-    for wait in reversed(waits):
-        must_end = min(starts[wait], must_end)
-        must_end = latest[wait] = must_end - io_safety * costs.read_time(_nbytes(wait))
-    return latest
 
 
 def _nbytes(wait: fx.Node) -> int:

@@ -4,11 +4,13 @@ The partitioner often saves several views of one activation (``relu``,
 its transpose, a reshaped copy for a batched matmul, a ``detach``). Stored
 one by one, the same bytes would be written and read once per view. Here
 the views chosen for offloading are grouped by the tensor they view: when
-two or more share a base and the base is no larger than they are together,
-the base is stored once, each view's saved slot takes the base's handle, and
-backward replays the view ops from the forward graph on the restored base.
-A view op only reinterprets its input's bytes, so the rebuilt views are
-bitwise the originals.
+the base is no larger than they are together, the base is stored once, each
+view's saved slot takes the base's handle, and backward replays the view ops
+from the forward graph on the restored base. A view op only reinterprets its
+input's bytes, so the rebuilt views are bitwise the originals. This holds for
+a single view too (GPT-2's ``Conv1D`` saves a transposed input for its weight
+gradient): the write then starts when the base's bytes exist, not where the
+partitioner put the view node, often near the end of forward.
 
 A view with gaps (attention's query, key and value selected from one fused
 projection) cannot be stored on its own, since only dense layouts are
@@ -52,6 +54,10 @@ class Stored:
     chains: dict[str, list[fx.Node]]
     val: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return tensor_nbytes(self.val)
+
 
 def group_views(
     fw_gm: fx.GraphModule, planned: list[SavedValue]
@@ -80,7 +86,7 @@ def group_views(
             continue
         gaps = {v.name for v, _ in members if dense_dim_order(nodes[v.name].meta["val"]) is None}
         why_not = _why_base_not_stored(base, sum(v.nbytes for v, _ in members))
-        if why_not or (len(members) < 2 and not gaps):
+        if why_not or all(not chain for _, chain in members):
             for v, _ in members:
                 val = nodes[v.name].meta["val"]
                 if v.name not in gaps:
