@@ -569,7 +569,7 @@ def print_rates(offload_dir: str) -> None:
     except (OSError, ValueError):
         return
     for key, rates in table.items():
-        print(f"planner rates {key}: " + ", ".join(f"{r / 1e9:.3g}" for r in rates) + " G/s")
+        print(f"planner rates {key}: " + ", ".join(f"{r:.3g}" for r in rates))
 
 
 def plot(results: list[dict], path: str) -> None:

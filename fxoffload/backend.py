@@ -75,24 +75,34 @@ def compile_with_offloading(
 
 
 def device_costs(options: Options, engine: Engine, device: torch.device) -> DeviceCosts:
-    """The cost model's rates: those the options give, the others measured (and cached)."""
+    """The cost model's rates: those the options give, the others measured (and cached).
+
+    The I/O threads' CPU time counts only on a CPU device, whose cores compute, and only
+    where the disk was measured.
+    """
     write, read = options.write_bytes_per_s, options.read_bytes_per_s
+    io_cpu = 0.0
     if write is None or read is None:
         measured = probe.disk_rates(engine)
         write, read = write or measured[0], read or measured[1]
+        io_cpu = measured[2] if device.type == "cpu" else 0.0
     flops, memory = options.flops_per_s, options.memory_bytes_per_s
     flops_16bit = None  # a given flops_per_s is the rate of every dtype
+    copy = None  # given rates: half the memory bandwidth
     if flops is None or memory is None:
         measured = probe.compute_rates(options.offload_dir, device)
         if flops is None:
             flops, flops_16bit = measured[0], measured[1]
         memory = memory or measured[2]
+        copy = measured[3]
     return DeviceCosts(
         flops_per_s=flops,
         memory_bytes_per_s=memory,
         write_bytes_per_s=write,
         read_bytes_per_s=read,
         flops_per_s_16bit=flops_16bit,
+        copy_bytes_per_s=copy,
+        io_cpu_seconds_per_byte=io_cpu,
     )
 
 

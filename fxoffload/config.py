@@ -38,6 +38,11 @@ io_safety: float = 1.5
 # At most this many bytes are read ahead of their use in backward.
 prefetch_budget_bytes: int = 1 << 30
 
+# "adaptive" offloads only while the step time offloading pays by the model
+# (each store's copy into staging, and the I/O threads' CPU time where the
+# device's cores compute) stays within this fraction of the modelled step.
+max_overhead: float = 0.1
+
 # Device rates for the cost model; None: measured once per offload directory
 # (the disk) and per device and thread count (compute), cached in the
 # directory's fxoffload-costs.json.

@@ -63,6 +63,7 @@ class Options:
     min_bytes: int = _default("min_bytes")
     io_safety: float = _default("io_safety")
     prefetch_budget_bytes: int = _default("prefetch_budget_bytes")
+    max_overhead: float = _default("max_overhead")
     write_bytes_per_s: float | None = _default("write_bytes_per_s")
     read_bytes_per_s: float | None = _default("read_bytes_per_s")
     flops_per_s: float | None = _default("flops_per_s")
@@ -91,6 +92,7 @@ class Options:
         _check_int("min_bytes", self.min_bytes, minimum=0)
         _check_float("io_safety", self.io_safety, minimum=1.0)
         _check_int("prefetch_budget_bytes", self.prefetch_budget_bytes, minimum=0)
+        _check_float("max_overhead", self.max_overhead, minimum=0.0)
         for key in RATES:
             if getattr(self, key) is not None:
                 _check_float(key, getattr(self, key), minimum=0.0, inclusive=False)

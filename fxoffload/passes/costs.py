@@ -38,6 +38,20 @@ class DeviceCosts:
     read_bytes_per_s: float
     flops_per_s_16bit: float | None = None
     """The rate of bfloat16 and float16 ops (autocast's matmuls); ``None``: ``flops_per_s``."""
+    copy_bytes_per_s: float | None = None
+    """How fast ``store`` copies a tensor into host staging, on the compute stream or
+    thread: step time it pays. ``None``: half of ``memory_bytes_per_s`` (read and write)."""
+    io_cpu_seconds_per_byte: float = 0.0
+    """CPU time the I/O threads spend per byte written or read, where it is taken from
+    compute (a CPU device, whose cores compute); 0 where the disk was not measured."""
+
+    def copy_time(self, nbytes: int) -> float:
+        rate = self.copy_bytes_per_s or self.memory_bytes_per_s / 2
+        return nbytes / rate
+
+    def offload_overhead(self, nbytes: int) -> float:
+        """Step time one store of ``nbytes`` costs: its staging copy and its I/O's CPU."""
+        return self.copy_time(nbytes) + 2 * nbytes * self.io_cpu_seconds_per_byte
 
     def flop_rate(self, dtype: torch.dtype | None) -> float:
         if self.flops_per_s_16bit is not None and dtype in (torch.bfloat16, torch.float16):

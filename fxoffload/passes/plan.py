@@ -14,7 +14,10 @@ A store is accepted, in the order forward makes the values, if:
   backward, and its write competes with backward's reads), and the store
   does not wait on ``max_inflight_bytes`` (the engine's own setting);
 - every accepted read, its own included, still ends before its first use
-  when each is read as late as it can be.
+  when each is read as late as it can be;
+- the step time offloading pays by the model (each store's copy into
+  staging, and the I/O threads' CPU time where the device's cores compute)
+  stays within ``max_overhead`` of the modelled step.
 
 The earliest-made activations have the most forward left to write them in
 and are needed last in backward; the last layers' ones are needed first, and
@@ -86,14 +89,36 @@ def plan_stores(
     Returns the records (a kept store's members say why; a base that was not
     itself saved is dropped with its store) and the stores that remain.
     """
-    if options.policy != "adaptive":
-        return planned, stores
+    if options.policy == "adaptive":
+        planned, stores = _plan_adaptive_stores(planned, stores, fw_graph, bw_graph, options, costs)
+    for value in planned:
+        if not value.offload:
+            log.debug("keep %s: %s", value.name, value.reason)
+    return planned, stores
+
+
+def _plan_adaptive_stores(
+    planned: list[SavedValue],
+    stores: list[Stored],
+    fw_graph: fx.Graph,
+    bw_graph: fx.Graph,
+    options: Options,
+    costs: DeviceCosts | None,
+) -> tuple[list[SavedValue], list[Stored]]:
     if costs is None:
         raise ValueError('policy "adaptive" needs device costs')
     fw_starts, bw_starts = start_times(fw_graph, costs), start_times(bw_graph, costs)
     transfers = _transfers(stores, fw_graph, fw_starts, bw_graph, bw_starts)
-    (output,) = fw_graph.find_nodes(op="output")
-    decisions = plan_adaptive(transfers, fw_end=fw_starts[output], costs=costs, options=options)
+    (fw_output,) = fw_graph.find_nodes(op="output")
+    (bw_output,) = bw_graph.find_nodes(op="output")
+    fw_end = fw_starts[fw_output]
+    decisions = plan_adaptive(
+        transfers,
+        fw_end=fw_end,
+        step=fw_end + bw_starts[bw_output],
+        costs=costs,
+        options=options,
+    )
     records = {v.name: v for v in planned}
     kept_stores = []
     for store in stores:
@@ -111,27 +136,41 @@ def plan_stores(
             records[name] = dataclasses.replace(
                 records[name], offload=False, rebuilt_from=None, reason=why
             )
-            log.debug("keep %s: %s", name, why)
     return [records[v.name] for v in planned if v.name in records], kept_stores
 
 
 def plan_adaptive(
-    transfers: list[Transfer], *, fw_end: float, costs: DeviceCosts, options: Options
+    transfers: list[Transfer],
+    *,
+    fw_end: float,
+    step: float,
+    costs: DeviceCosts,
+    options: Options,
 ) -> dict[str, tuple[bool, str]]:
-    """Decide each transfer: ``name -> (offload, reason)``. O(n log n)."""
+    """Decide each transfer: ``name -> (offload, reason)``. O(n log n).
+
+    ``fw_end`` and ``step`` are the modelled compute times of forward and of
+    the whole step, without offloading. Each accepted store's staging copy
+    runs on the compute stream, so values made after it are made later.
+    """
     safety = options.io_safety
     reads = {
         t.name: Read(t.name, t.first_use, safety * costs.read_time(t.nbytes), t.nbytes)
         for t in transfers
     }
     read_queue, write_queue = ReadQueue(list(reads.values())), WriteQueue()
+    allowed = options.max_overhead * step
+    spent = delay = 0.0  # the accepted stores' overhead, and the part of it in forward
     decisions: dict[str, tuple[bool, str]] = {}
     accepted: list[Transfer] = []
     write_ends: dict[str, float] = {}
     for t in sorted(transfers, key=lambda t: t.produced):
-        waiting = write_queue.bytes_waiting(t.produced)
+        copied = t.produced + delay + costs.copy_time(t.nbytes)
+        overhead = costs.offload_overhead(t.nbytes)
+        waiting = write_queue.bytes_waiting(copied)
         write_seconds = safety * costs.write_time(t.nbytes)
-        write_end = write_queue.end_if_added(t.produced, write_seconds)
+        write_end = write_queue.end_if_added(copied, write_seconds)
+        forward_ends = fw_end + delay + costs.copy_time(t.nbytes)
         slack, tightest = read_queue.slack_if_added(reads[t.name])
         if t.nbytes > options.prefetch_budget_bytes:
             why = f"{t.nbytes} bytes > prefetch_budget_bytes={options.prefetch_budget_bytes}"
@@ -140,14 +179,21 @@ def plan_adaptive(
                 f"store would wait: {waiting} bytes still being written "
                 f"(max_inflight_bytes={options.max_inflight_bytes})"
             )
-        elif write_end > fw_end:
-            why = f"write would end {_ms(write_end - fw_end)} after forward"
+        elif write_end > forward_ends:
+            why = f"write would end {_ms(write_end - forward_ends)} after forward"
         elif slack < 0:
             who = "its read" if tightest == t.name else f"reading it would make {tightest}'s read"
             why = f"{who} end {_ms(-slack)} after first use in backward"
+        elif spent + overhead > allowed:
+            why = (
+                f"its copy and I/O would cost {_ms(overhead)} of step time; "
+                f"max_overhead={options.max_overhead} leaves {_ms(allowed - spent)}"
+            )
         else:
             read_queue.add(reads[t.name])
-            write_ends[t.name] = write_queue.add(t.produced, write_seconds, t.nbytes)
+            write_ends[t.name] = write_queue.add(copied, write_seconds, t.nbytes)
+            spent += overhead
+            delay += costs.copy_time(t.nbytes)
             accepted.append(t)
             continue
         decisions[t.name] = (False, why)
@@ -157,9 +203,10 @@ def plan_adaptive(
         read_end = starts[t.name] + reads[t.name].seconds
         decisions[t.name] = (
             True,
-            f"hidden: written {_ms(fw_end - write_ends[t.name])} before forward ends, "
+            f"hidden: written {_ms(fw_end + delay - write_ends[t.name])} before forward ends, "
             f"read from {_ms(starts[t.name])} into backward, "
-            f"{_ms(max(t.first_use - read_end, 0.0))} before first use",
+            f"{_ms(max(t.first_use - read_end, 0.0))} before first use; "
+            f"costs {_ms(costs.offload_overhead(t.nbytes))}",
         )
     return decisions
 

@@ -35,15 +35,16 @@ UNMEASURED_BYTES_PER_S = 1.0
 """The rate assumed for a disk that could not be measured: too slow to hide anything."""
 
 
-def disk_rates(engine: Engine) -> tuple[float, float]:
-    """(write, read) bytes per second of ``engine``'s offload file, cached per directory.
+def disk_rates(engine: Engine) -> tuple[float, float, float]:
+    """(write, read) bytes per second of ``engine``'s offload file, and the CPU seconds its
+    I/O threads spend per byte moved; cached per directory.
 
     A disk that cannot be measured (no room for the probe, an I/O error) gets
     ``UNMEASURED_BYTES_PER_S``, with a warning, and is not cached: the
     planner then offloads nothing under ``"adaptive"``.
     """
     key = f"disk:{'direct' if engine.file.direct else 'buffered'}:{engine.config.io_threads}"
-    cached = _cached(engine.root, key)
+    cached = _cached(engine.root, key, 3)
     if cached is None:
         try:
             cached = _measure_disk(engine)
@@ -55,13 +56,14 @@ def disk_rates(engine: Engine) -> tuple[float, float]:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            return UNMEASURED_BYTES_PER_S, UNMEASURED_BYTES_PER_S
+            return UNMEASURED_BYTES_PER_S, UNMEASURED_BYTES_PER_S, 0.0
         _remember(engine.root, key, cached)
-    return cached[0], cached[1]
+    return cached[0], cached[1], cached[2]
 
 
-def compute_rates(root: str, device: torch.device) -> tuple[float, float, float]:
-    """(FLOP/s, 16-bit FLOP/s, memory bytes/s) of ``device``, cached under ``root``.
+def compute_rates(root: str, device: torch.device) -> tuple[float, float, float, float]:
+    """(FLOP/s, 16-bit FLOP/s, memory bytes/s, bytes/s copied to host memory) of ``device``,
+    cached under ``root``. The last is what ``store``'s copy into staging runs at.
 
     Matmuls in bfloat16 or float16 (autocast) can run many times faster than
     in float32 (about 15x on an H100 at full float32 precision, by its
@@ -76,11 +78,11 @@ def compute_rates(root: str, device: torch.device) -> tuple[float, float, float]
         key = f"compute:{torch.cuda.get_device_name(device)}:{precision}"
     else:
         key = f"compute:{device.type}:{torch.get_num_threads()}:{precision}"
-    cached = _cached(root, key, 3)
+    cached = _cached(root, key, 4)
     if cached is None:
         cached = _measure_compute(device)
         _remember(root, key, cached)
-    return cached[0], cached[1], cached[2]
+    return cached[0], cached[1], cached[2], cached[3]
 
 
 def _measure_disk(engine: Engine) -> tuple[float, float]:
@@ -95,6 +97,7 @@ def _measure_disk(engine: Engine) -> tuple[float, float]:
     try:
         slot = file.allocate(nbytes)
         with ThreadPoolExecutor(engine.config.io_threads) as pool:
+            cpu = time.process_time()  # this thread only waits: the rest is the I/O threads'
             begin = time.perf_counter()
             list(pool.map(lambda o: file.write(view[o : o + chunk], slot.offset + o), offsets))
             file.sync()
@@ -102,10 +105,17 @@ def _measure_disk(engine: Engine) -> tuple[float, float]:
             begin = time.perf_counter()
             list(pool.map(lambda o: file.read(view[o : o + chunk], slot.offset + o), offsets))
             read = time.perf_counter() - begin
+            cpu = time.process_time() - cpu
     finally:
         file.close()
-    rates = (nbytes / wrote, nbytes / read)
-    log.info("disk of %s: write %.2f GB/s, read %.2f GB/s", engine.root, *(r / 1e9 for r in rates))
+    rates = (nbytes / wrote, nbytes / read, cpu / (2 * nbytes))
+    log.info(
+        "disk of %s: write %.2f GB/s, read %.2f GB/s, I/O CPU %.2f ms/GB",
+        engine.root,
+        rates[0] / 1e9,
+        rates[1] / 1e9,
+        rates[2] * 1e12,
+    )
     return rates
 
 
@@ -115,17 +125,20 @@ def _measure_compute(device: torch.device) -> tuple[float, float, float]:
     half = a.to(torch.bfloat16)
     src = torch.empty(16 << 20, device=device)  # 64 MiB of float32
     dst = torch.empty_like(src)
+    host = torch.empty_like(src, device="cpu", pin_memory=device.type == "cuda")
     flops = 2 * n**3 / _best_time(lambda: torch.mm(a, a), device)
     flops_16bit = 2 * n**3 / _best_time(lambda: torch.mm(half, half), device)
     memory = 2 * src.nbytes / _best_time(lambda: dst.copy_(src), device)
+    to_host = src.nbytes / _best_time(lambda: host.copy_(src), device)
     log.info(
-        "%s: %.1f GFLOP/s (16-bit: %.1f), memory %.1f GB/s",
+        "%s: %.1f GFLOP/s (16-bit: %.1f), memory %.1f GB/s, to host %.1f GB/s",
         device,
         flops / 1e9,
         flops_16bit / 1e9,
         memory / 1e9,
+        to_host / 1e9,
     )
-    return flops, flops_16bit, memory
+    return flops, flops_16bit, memory, to_host
 
 
 def _best_time(fn, device: torch.device, reps: int = 5) -> float:
