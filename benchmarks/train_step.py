@@ -7,8 +7,9 @@ SGD) in its own subprocess (this script re-invoked with ``--child``):
     adaptive     ssdtrain backend, policy "adaptive"
     all          ssdtrain backend, policy "all"
     recompute    checkpoint(use_reentrant=False) around each block, stock inductor
-    budget-0.5   stock inductor, torch._functorch.config.activation_memory_budget = 0.5
-    budget-0     the same with budget 0.0
+    budget-B     stock inductor, torch._functorch.config.activation_memory_budget = B
+                 (B in 0, 0.1, 0.3, 0.5, 0.7)
+    mb-B         ssdtrain backend, policy "adaptive", memory_budget = B (0.1 to 0.7)
     save_on_cpu  eager under torch.autograd.graph.save_on_cpu (moves nothing on CPU)
 
 A step is zero_grad, forward (with the cross-entropy, so the logits are in the
@@ -27,7 +28,8 @@ read (``tensors_forwarded``); "fwd ms" the median forward time. "cpu ms" is
 the process's CPU time in a step, all threads (median), "io cpu ms" that of
 fxoffload's I/O threads alone (mean; Linux): on a machine whose cores all
 compute, the I/O's CPU time comes out of training's.
-``--autocast`` runs forward under ``torch.autocast`` in bfloat16.
+``--autocast`` runs forward under ``torch.autocast`` in bfloat16. ``--model hf-gpt2``
+trains Hugging Face's GPT-2, built from a config of the same sizes, instead.
 
 ``--rounds N`` runs every configuration N times, all of them in turn each
 round, and prints medians over the rounds; each ratio is taken to the first
@@ -71,7 +73,8 @@ cold)::
         [--rounds 3] [--interleave] [--max-batch --memory-limit-gib 32]
 
 ``--plot`` (``pip install '.[plot]'``) draws the memory of none, adaptive and
-all over one more step, sampled every 1 ms.
+all over one more step, sampled every 1 ms; ``--pareto`` draws peak memory
+against step time, the ``mb-*`` and ``budget-*`` configurations as curves.
 """
 
 from __future__ import annotations
@@ -96,9 +99,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 MiB = 1 << 20
-CONFIGS = ("none", "adaptive", "all", "recompute", "budget-0.5", "budget-0", "save_on_cpu")
-SSDTRAIN = ("none", "adaptive", "all")  # the config name is the policy
-BUDGETS = {"budget-0.5": 0.5, "budget-0": 0.0}
+FRACTIONS = (0.1, 0.3, 0.5, 0.7)
+BUDGETS = {"budget-0": 0.0, **{f"budget-{b}": b for b in FRACTIONS}}
+MEMORY_BUDGETS = {f"mb-{b}": b for b in FRACTIONS}
+CONFIGS = ("none", "adaptive", "all", "recompute", *BUDGETS, *MEMORY_BUDGETS, "save_on_cpu")
+SSDTRAIN = ("none", "adaptive", "all", *MEMORY_BUDGETS)
 MODEL = {"layers": 4, "width": 256, "heads": 4, "seq_len": 256, "batch": 8, "vocab": 4096}
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 libc = ctypes.CDLL(None)
@@ -139,6 +144,34 @@ class GPT(nn.Module):
             x = checkpoint(block, x, use_reentrant=False) if self.recompute else block(x)
         logits = self.head(self.ln_f(x))
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+class HFGPT2(nn.Module):
+    """Hugging Face's GPT-2 (``--model hf-gpt2``) from a config with the same sizes, SDPA
+    attention, its own dropout; full recomputation is its ``gradient_checkpointing_enable``."""
+
+    def __init__(self, cfg: argparse.Namespace, recompute: bool = False) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # built from a config: never the network
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(
+            vocab_size=cfg.vocab,
+            n_positions=cfg.seq_len,
+            n_embd=cfg.width,
+            n_layer=cfg.layers,
+            n_head=cfg.heads,
+            attn_implementation="sdpa",
+        )
+        self.model = GPT2LMHeadModel(config)
+        if recompute:
+            self.model.gradient_checkpointing_enable({"use_reentrant": False})
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=idx, labels=targets).loss
+
+
+MODELS = {"gpt": GPT, "hf-gpt2": HFGPT2}
 
 
 class Sampler(threading.Thread):
@@ -252,13 +285,15 @@ class Trainer:
         torch.set_num_threads(args.threads or len(os.sched_getaffinity(0)))
         self.device = device = torch.device(args.device)
         torch.manual_seed(0)
-        self.model = GPT(args, recompute=name == "recompute").to(device)
+        self.model = MODELS[args.model](args, recompute=name == "recompute").to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-2)
         self.contexts = [
             lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast)
         ]
         if name in SSDTRAIN:
             options = {"policy": name, "offload_dir": args.offload_dir}
+            if name in MEMORY_BUDGETS:
+                options.update(policy="adaptive", memory_budget=MEMORY_BUDGETS[name])
             options.update((k, parse_value(v)) for k, v in (o.split("=", 1) for o in args.option))
             fxoffload.Options.from_dict(options)  # a bad option fails here, not inside dynamo
             self.forward = torch.compile(self.model, backend="ssdtrain", options=options)
@@ -591,10 +626,47 @@ def plot(results: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def plot_pareto(results: list[dict], path: str) -> None:
+    """Peak memory against median step time, one point per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    families = {"mb-": "fxoffload memory_budget", "budget-": "PyTorch activation_memory_budget"}
+    for prefix, label in families.items():
+        points = sorted(
+            (r["step_ms"], r["peak_mib"], r["config"].removeprefix(prefix))
+            for r in results
+            if r["config"].startswith(prefix) and "step_ms" in r
+        )
+        if points:
+            line = ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=label)[0]
+            for x, y, text in points:
+                ax.annotate(
+                    text,
+                    (x, y),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    color=line.get_color(),
+                    fontsize=8,
+                )
+    for r in results:
+        if not r["config"].startswith(tuple(families)) and "step_ms" in r:
+            ax.plot(r["step_ms"], r["peak_mib"], "s", label=r["config"])
+    ax.set_xlabel("median step time, ms")
+    ax.set_ylabel("peak MiB above in use after zero_grad")
+    ax.set_title("memory against step time")
+    ax.legend(fontsize=8)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for key, default in MODEL.items():  # --batch is the micro-batch: sequences per step
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=default)
+    parser.add_argument("--model", choices=sorted(MODELS), default="gpt")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (median)")
     parser.add_argument(
         "--rounds", type=int, default=1, help="run all configurations this many times, in turn"
@@ -605,13 +677,18 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps (compile)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
+    parser.add_argument(
+        "--configs",
+        default="none,adaptive,all,recompute,budget-0.5,budget-0,save_on_cpu",
+        help=f"comma-separated, of: {', '.join(CONFIGS)}",
+    )
     parser.add_argument(
         "--offload-dir", default=os.environ.get("FXOFFLOAD_DIR") or tempfile.gettempdir()
     )
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PNG", help="plot memory over a step (matplotlib)")
+    parser.add_argument("--pareto", metavar="PNG", help="plot peak memory against step time")
     parser.add_argument("--autocast", action="store_true", help="forward in bfloat16 autocast")
     parser.add_argument(
         "--max-batch", action="store_true", help="find the largest micro-batch that fits instead"
@@ -687,6 +764,9 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
         print(f"plot: {args.plot}")
+    if args.pareto:
+        plot_pareto(results, args.pareto)
+        print(f"pareto plot: {args.pareto}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,15 @@ log = logging.getLogger("fxoffload")
 graphs_log = logging.getLogger("fxoffload.graphs")
 
 
-def log_partition(decisions: list[SavedValue], forward_code: str, backward_code: str) -> None:
+def log_partition(
+    decisions: list[SavedValue],
+    forward_code: str,
+    backward_code: str,
+    budget_note: str | None = None,
+) -> None:
     log.info("%s", summarize(decisions))
+    if budget_note is not None:
+        log.info("%s", budget_note)
     log.info("saved values:\n%s", format_decisions(decisions))
     graphs_log.debug("rewritten forward:\n%s", forward_code)
     graphs_log.debug("rewritten backward:\n%s", backward_code)

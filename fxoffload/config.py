@@ -29,6 +29,13 @@ offload_dir: str | None = None
 # rewrite nothing, same partitioner and compiler (the bitwise baseline).
 policy: str = "adaptive"
 
+# At most this fraction of the saved-activation bytes (of PyTorch's partition
+# with nothing offloaded and no budget) stays in memory at the start of
+# backward: offloading hides what the disk can, PyTorch's recomputation buys
+# the rest (fxoffload/memory_budget.py). 1.0: no budget, nothing recomputed
+# beyond PyTorch's default partition.
+memory_budget: float = 1.0
+
 # Saved tensors smaller than this stay in memory.
 min_bytes: int = 1 << 20
 

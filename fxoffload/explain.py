@@ -16,7 +16,7 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
 from fxoffload.partitioner import PartitionResult
-from fxoffload.passes import SavedValue
+from fxoffload.passes import SavedKind, SavedValue
 from fxoffload.report import format_decisions
 
 
@@ -27,6 +27,8 @@ class GraphExplanation:
     decisions: list[SavedValue]
     forward_code: str
     backward_code: str
+    budget_note: str | None = None
+    """Under ``memory_budget``: what it asked for and what the plan reached."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +52,17 @@ class Explanation:
     def __str__(self) -> str:
         parts = []
         for i, g in enumerate(self.graphs):
-            offloaded = [d for d in g.decisions if d.offload]
+            recomputed = [d for d in g.decisions if d.kind is SavedKind.RECOMPUTED]
+            saved = [d for d in g.decisions if d.kind is not SavedKind.RECOMPUTED]
+            offloaded = [d for d in saved if d.offload]
             parts.append(
-                f"graph {i}: {len(g.decisions)} saved values, {len(offloaded)} offloaded "
-                f"({sum(d.bytes_written for d in g.decisions)} bytes written), "
-                f"{len(g.decisions) - len(offloaded)} kept"
+                f"graph {i}: {len(saved)} saved values, {len(offloaded)} offloaded "
+                f"({sum(d.bytes_written for d in saved)} bytes written), "
+                f"{len(saved) - len(offloaded)} kept"
+                + (f", {len(recomputed)} recomputed" if recomputed else "")
             )
+            if g.budget_note is not None:
+                parts.append(g.budget_note)
             parts.append(format_decisions(g.decisions))
             parts.append(f"forward:\n{g.forward_code}")
             parts.append(f"backward:\n{g.backward_code}")
@@ -106,7 +113,10 @@ def explain(
             "eagerly; TORCH_LOGS=recompiles,graph_breaks says why."
         )
     return Explanation(
-        [GraphExplanation(r.decisions, r.forward_code, r.backward_code) for r in found]
+        [
+            GraphExplanation(r.decisions, r.forward_code, r.backward_code, r.budget_note)
+            for r in found
+        ]
     )
 
 

@@ -60,6 +60,7 @@ class Options:
 
     offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
     policy: Policy = _default("policy")
+    memory_budget: float = _default("memory_budget")
     min_bytes: int = _default("min_bytes")
     io_safety: float = _default("io_safety")
     prefetch_budget_bytes: int = _default("prefetch_budget_bytes")
@@ -90,6 +91,16 @@ class Options:
         _check_choice("compiler", self.compiler, COMPILERS)
         _check_choice("cost_model", self.cost_model, COST_MODELS)
         _check_int("min_bytes", self.min_bytes, minimum=0)
+        _check_float("memory_budget", self.memory_budget, minimum=0.0)
+        if self.memory_budget > 1:
+            raise ValueError(
+                f"fxoffload option 'memory_budget' must be <= 1; got {self.memory_budget}"
+            )
+        if self.memory_budget < 1 and self.policy == "none":
+            raise ValueError(
+                "fxoffload option 'memory_budget' needs policy 'adaptive' or 'all'; for "
+                "recomputation alone use torch._functorch.config.activation_memory_budget"
+            )
         _check_float("io_safety", self.io_safety, minimum=1.0)
         _check_int("prefetch_budget_bytes", self.prefetch_budget_bytes, minimum=0)
         _check_float("max_overhead", self.max_overhead, minimum=0.0)

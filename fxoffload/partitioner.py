@@ -14,11 +14,13 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.fx as fx
+from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from fxoffload import profiling
 from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
 from fxoffload._logging import log_partition
+from fxoffload.memory_budget import plan_under_budget
 from fxoffload.options import Options
 from fxoffload.passes import SavedValue, offload_saved_activations
 from fxoffload.passes.costs import DeviceCosts
@@ -37,6 +39,8 @@ class PartitionResult:
     decisions: list[SavedValue]
     forward_code: str
     backward_code: str
+    budget_note: str | None = None
+    """Under ``memory_budget``: what it asked for and what the plan reached."""
 
 
 class OffloadPartitioner(CustomPartitionerFn):
@@ -62,20 +66,29 @@ class OffloadPartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        fw_gm, bw_gm = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if self.costs is not None and self.options.cost_model == "profile":
-            for graph in (fw_gm, bw_gm):
-                profiling.profile(graph)
-        decisions = offload_saved_activations(
-            fw_gm,
-            bw_gm,
-            num_fwd_outputs=kwargs["num_fwd_outputs"],
-            static_input_indices=kwargs.get("static_lifetime_input_indices"),
-            options=self.options,
-            costs=self.costs,
-        )
-        result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip())
-        log_partition(result.decisions, result.forward_code, result.backward_code)
+        def partition(pytorch_budget: float) -> tuple[fx.GraphModule, fx.GraphModule]:
+            with functorch_config.patch(activation_memory_budget=pytorch_budget):
+                fw_gm, bw_gm = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            if self.costs is not None and self.options.cost_model == "profile":
+                for graph in (fw_gm, bw_gm):
+                    profiling.profile(graph)
+            return fw_gm, bw_gm
+
+        passes = {
+            "num_fwd_outputs": kwargs["num_fwd_outputs"],
+            "static_input_indices": kwargs.get("static_lifetime_input_indices"),
+            "options": self.options,
+        }
+        note = None
+        if self.options.memory_budget < 1:
+            assert self.costs is not None  # the backend measures them for every budget
+            plan, note = plan_under_budget(partition, costs=self.costs, **passes)
+            fw_gm, bw_gm, decisions = plan.fw_gm, plan.bw_gm, plan.decisions
+        else:
+            fw_gm, bw_gm = partition(functorch_config.activation_memory_budget)
+            decisions = offload_saved_activations(fw_gm, bw_gm, costs=self.costs, **passes)
+        result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip(), note)
+        log_partition(result.decisions, result.forward_code, result.backward_code, note)
         if self.on_partition is not None:
             self.on_partition(result)
         return fw_gm, bw_gm

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fxoffload.passes import SavedValue
+from fxoffload.passes import SavedKind, SavedValue
 
 
 def summarize(decisions: list[SavedValue]) -> str:
@@ -29,7 +29,7 @@ def format_decisions(decisions: list[SavedValue]) -> str:
             "-" if d.shape is None else str(list(d.shape)),
             "-" if d.dtype is None else str(d.dtype).removeprefix("torch."),
             str(d.nbytes),
-            "offload" if d.offload else "keep",
+            "recompute" if d.kind is SavedKind.RECOMPUTED else "offload" if d.offload else "keep",
             d.reason,
         )
         for d in decisions

@@ -22,7 +22,7 @@ from known_rates import KNOWN_RATES
 from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.backends.debugging import boxed_nop
 from torch.fx.experimental.proxy_tensor import make_fx
-from training_runs import losses_and_grads, reproducible
+from training_runs import CountingBackend, losses_and_grads, reproducible
 
 import fxoffload
 from fxoffload import ops, profiling
@@ -352,16 +352,6 @@ def test_adaptive_training_is_bitwise_equal_to_none(compiler: str, tmp_path) -> 
 
 def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
     """Two batch sizes, one compile: the plan uses the first sizes' hints, math stays exact."""
-
-    class Counting:
-        def __init__(self, options: dict) -> None:
-            self.options = options
-            self.compiles = 0
-
-        def __call__(self, gm, example_inputs):
-            self.compiles += 1
-            return fxoffload.ssdtrain(gm, example_inputs, options=self.options)
-
     torch.manual_seed(0)
     model = LayerStack(4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -369,7 +359,7 @@ def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
     for policy in ("none", "adaptive"):
         model.load_state_dict(state)
         torch._dynamo.reset()
-        backend = Counting(options(str(tmp_path), policy=policy))
+        backend = CountingBackend(options(str(tmp_path), policy=policy))
         compiled = torch.compile(model, backend=backend, dynamic=True)
         batches = [
             torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))

@@ -84,3 +84,15 @@ def assert_runs_close(a: Run, b: Run) -> None:
     torch.testing.assert_close(a.losses, b.losses, **tol)
     torch.testing.assert_close(a.grads, b.grads, **tol)
     torch.testing.assert_close(a.final_state, b.final_state, **tol)
+
+
+class CountingBackend:
+    """The ``ssdtrain`` backend with ``options``, counting how often Dynamo compiles."""
+
+    def __init__(self, options: dict) -> None:
+        self.options = options
+        self.compiles = 0
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        self.compiles += 1
+        return fxoffload.ssdtrain(gm, example_inputs, options=self.options)

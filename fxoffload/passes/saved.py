@@ -51,6 +51,8 @@ class SavedKind(enum.Enum):
     """A generator's state, saved so that backward replays a random op exactly: kept."""
     UNSUPPORTED = "unsupported"
     """A tensor whose layout or use we cannot restore exactly."""
+    RECOMPUTED = "recomputed"
+    """Saved without a memory budget; under ``memory_budget`` backward recomputes it."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,8 @@ class SavedValue:
     offload: bool
     reason: str
     rebuilt_from: str | None = None
+    is_saved: bool = True
+    """False for a base stored only for its saved views: it is not itself a saved value."""
 
     @property
     def bytes_written(self) -> int:

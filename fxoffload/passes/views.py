@@ -170,4 +170,5 @@ def _base_record(base: fx.Node, views: list[str]) -> SavedValue:
         nbytes=tensor_nbytes(val),
         offload=True,
         reason=f"not saved, but stored once for its saved views {', '.join(views)}",
+        is_saved=False,
     )

@@ -1,0 +1,137 @@
+"""One memory budget: keep, offload or recompute each saved tensor.
+
+``memory_budget=b`` asks that the saved-activation bytes still in memory when
+backward starts be at most ``b`` times those of PyTorch's min-cut partition
+with nothing offloaded and no budget (the reference PyTorch's own
+``activation_memory_budget`` uses). Offloading hides what the disk can hide
+for free; recomputation buys the rest.
+
+Recomputation is PyTorch's: its min-cut partitioner and its knapsack over
+recomputable nodes, run at each budget of a fixed grid (``PYTORCH_BUDGETS``),
+with its own ban heuristics and RNG rules. Each partition is then planned for
+offloading by the passes, and the plan whose modelled step (forward and
+backward compute, plus offloading's own cost) is fastest among those within
+the budget is taken; if none is, the one that keeps the fewest bytes.
+
+Choosing the fastest feasible plan from one fixed set makes the resident
+bytes monotonic in the budget: a lower budget can only remove plans from the
+feasible set, and it replaces the chosen one only if that one no longer fits,
+with one that fits the lower budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch.fx as fx
+
+from fxoffload import ops
+from fxoffload.options import Options
+from fxoffload.passes import SavedKind, SavedValue, offload_saved_activations
+from fxoffload.passes.costs import DeviceCosts, start_times
+from fxoffload.passes.saved import tensor_nbytes
+
+PYTORCH_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
+"""The ``activation_memory_budget`` values whose partitions the plan chooses from."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One candidate: a partition at a PyTorch budget, planned for offloading."""
+
+    pytorch_budget: float
+    fw_gm: fx.GraphModule
+    bw_gm: fx.GraphModule
+    decisions: list[SavedValue]
+    resident_bytes: int
+    step_seconds: float
+
+
+Partition = Callable[[float], tuple[fx.GraphModule, fx.GraphModule]]
+
+
+def plan_under_budget(
+    partition: Partition,
+    *,
+    num_fwd_outputs: int,
+    static_input_indices: list[int] | None,
+    options: Options,
+    costs: DeviceCosts,
+) -> tuple[Plan, str]:
+    """The chosen plan, and a line saying what the budget asked for and what it reached.
+
+    ``partition(b)`` runs PyTorch's min-cut partitioner at ``activation_memory_budget=b``
+    on the same joint graph. The chosen plan's decisions include a ``RECOMPUTED``
+    record for every value the reference partition saves and this one does not.
+    """
+    plans = []
+    for pytorch_budget in PYTORCH_BUDGETS:
+        fw_gm, bw_gm = partition(pytorch_budget)
+        decisions = offload_saved_activations(
+            fw_gm,
+            bw_gm,
+            num_fwd_outputs=num_fwd_outputs,
+            static_input_indices=static_input_indices,
+            options=options,
+            costs=costs,
+        )
+        resident = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
+        plans.append(
+            Plan(pytorch_budget, fw_gm, bw_gm, decisions, resident, _step(fw_gm, bw_gm, costs))
+        )
+    reference = plans[0]
+    total = sum(d.nbytes for d in _saved_activations(reference.decisions))
+    allowed = int(options.memory_budget * total)
+    fitting = [p for p in plans if p.resident_bytes <= allowed]
+    chosen = (
+        min(fitting, key=lambda p: p.step_seconds)
+        if fitting
+        else min(plans, key=lambda p: p.resident_bytes)
+    )
+    recomputed = _recomputed(reference.decisions, chosen)
+    chosen = dataclasses.replace(chosen, decisions=[*chosen.decisions, *recomputed])
+    slower = chosen.step_seconds - reference.step_seconds
+    note = (
+        f"memory_budget={options.memory_budget}: at most {allowed} of {total} saved-activation "
+        f"bytes in memory at the start of backward; the plan keeps {chosen.resident_bytes}"
+        f"{'' if fitting else ' (the least any plan keeps: the budget is not reached)'}, "
+        f"recomputing {len(recomputed)} values (PyTorch's partition at "
+        f"activation_memory_budget={chosen.pytorch_budget}); modelled step "
+        f"{chosen.step_seconds * 1e3:.2f} ms, {slower * 1e3:+.2f} ms against budget 1.0 "
+        f"with the same offloading policy"
+    )
+    return chosen, note
+
+
+def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
+    """The decisions of saved activations (not the bases stored only for their views)."""
+    return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
+
+
+def _step(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, costs: DeviceCosts) -> float:
+    """Modelled compute of forward and backward (our ops cost nothing), plus offloading's."""
+    total = 0.0
+    for gm in (fw_gm, bw_gm):
+        (output,) = gm.graph.find_nodes(op="output")
+        total += start_times(gm.graph, costs)[output]
+    for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
+        total += costs.offload_overhead(tensor_nbytes(store.args[0].meta["val"]))
+    return total
+
+
+def _recomputed(reference: list[SavedValue], chosen: Plan) -> list[SavedValue]:
+    saved = {d.name for d in chosen.decisions}
+    return [
+        dataclasses.replace(
+            d,
+            kind=SavedKind.RECOMPUTED,
+            offload=False,
+            reason=(
+                "recomputed in backward by PyTorch's partitioner at "
+                f"activation_memory_budget={chosen.pytorch_budget}"
+            ),
+        )
+        for d in _saved_activations(reference)
+        if d.name not in saved
+    ]
