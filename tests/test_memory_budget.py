@@ -12,8 +12,8 @@ import tempfile
 import expecttest
 import pytest
 import torch
-from known_rates import KNOWN_RATES
 from test_planner import LayerStack
+from test_planner import options as planner_options
 from training_runs import CountingBackend, losses_and_grads, reproducible
 
 import fxoffload
@@ -26,15 +26,7 @@ SLOW_DISK = {"write_bytes_per_s": 1e7, "read_bytes_per_s": 1e7}
 
 
 def options(directory: str, **overrides: object) -> dict:
-    return {
-        "compiler": "aot_eager",
-        "policy": "adaptive",
-        "min_bytes": 0,
-        "offload_dir": directory,
-        **KNOWN_RATES,
-        **SLOW_DISK,
-        **overrides,
-    }
+    return planner_options(directory, **{**SLOW_DISK, **overrides})
 
 
 def resident_bytes(e: fxoffload.Explanation) -> int:
