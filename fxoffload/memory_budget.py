@@ -1,8 +1,9 @@
 """One memory budget: keep, offload or recompute each saved tensor.
 
 ``memory_budget=b`` asks that the saved-activation bytes still in memory when
-backward starts be at most ``b`` times those of PyTorch's min-cut partition
-with nothing offloaded and no budget (the reference PyTorch's own
+backward starts, with offloading's own staging buffers, be at most ``b`` times
+the saved-activation bytes of PyTorch's min-cut partition with nothing
+offloaded and no budget (the reference PyTorch's own
 ``activation_memory_budget`` uses). Offloading hides what the disk can hide
 for free; recomputation buys the rest.
 
@@ -31,6 +32,7 @@ from fxoffload.options import Options
 from fxoffload.passes import SavedKind, SavedValue, offload_saved_activations
 from fxoffload.passes.costs import DeviceCosts, start_times
 from fxoffload.passes.saved import tensor_nbytes
+from fxoffload.passes.timeline import WriteQueue
 
 PYTORCH_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 """The ``activation_memory_budget`` values whose partitions the plan chooses from."""
@@ -76,7 +78,8 @@ def plan_under_budget(
             options=options,
             costs=costs,
         )
-        resident = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
+        kept = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
+        resident = kept + _staging_bytes(fw_gm, costs, options)
         plans.append(
             Plan(pytorch_budget, fw_gm, bw_gm, decisions, resident, _step(fw_gm, bw_gm, costs))
         )
@@ -94,7 +97,8 @@ def plan_under_budget(
     slower = chosen.step_seconds - reference.step_seconds
     note = (
         f"memory_budget={options.memory_budget}: at most {allowed} of {total} saved-activation "
-        f"bytes in memory at the start of backward; the plan keeps {chosen.resident_bytes}"
+        f"bytes in memory at the start of backward; the plan keeps {chosen.resident_bytes}, "
+        f"staging buffers included"
         f"{'' if fitting else ' (the least any plan keeps: the budget is not reached)'}, "
         f"recomputing {len(recomputed)} values (PyTorch's partition at "
         f"activation_memory_budget={chosen.pytorch_budget}); modelled step "
@@ -107,6 +111,21 @@ def plan_under_budget(
 def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
     """The decisions of saved activations (not the bases stored only for their views)."""
     return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
+
+
+def _staging_bytes(fw_gm: fx.GraphModule, costs: DeviceCosts, options: Options) -> int:
+    """Host memory the stores' staging buffers hold when backward starts.
+
+    Every write has ended by then (the plan sees to it), and the engine keeps
+    the buffers it used for reuse, up to ``staging_pool_bytes``: as many as
+    were ever in flight at once, on the writes' timeline.
+    """
+    starts = start_times(fw_gm.graph, costs)
+    writes = WriteQueue()
+    for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
+        nbytes = tensor_nbytes(store.args[0].meta["val"])
+        writes.add(starts[store], options.io_safety * costs.write_time(nbytes), nbytes)
+    return min(writes.peak_bytes, options.staging_pool_bytes)
 
 
 def _step(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, costs: DeviceCosts) -> float:

@@ -169,6 +169,8 @@ class WriteQueue:
 
     def __init__(self) -> None:
         self.free_at = 0.0
+        self.peak_bytes = 0
+        """The most bytes ever waiting or being written at once: staging memory held."""
         self._pending: list[tuple[float, int]] = []  # (end, bytes), a heap
         self._pending_bytes = 0
 
@@ -181,6 +183,7 @@ class WriteQueue:
         return self._pending_bytes
 
     def add(self, produced: float, seconds: float, nbytes: int) -> float:
+        self.peak_bytes = max(self.peak_bytes, self.bytes_waiting(produced) + nbytes)
         self.free_at = end = self.end_if_added(produced, seconds)
         heapq.heappush(self._pending, (end, nbytes))
         self._pending_bytes += nbytes
