@@ -2,11 +2,13 @@
 
 The disk is measured through the engine's own offload file (its I/O mode)
 and thread count: sequential chunks written and read back by
-``io_threads`` threads. Compute is measured on the device the graph runs on:
-a matmul for the FLOP rate and a copy for memory bandwidth, at the current
-thread count. Both are cached in ``<offload_dir>/fxoffload-costs.json``, so
-later processes plan with the same numbers, which also keeps compiled-graph
-cache keys stable across runs.
+``io_threads`` threads, each checksummed as the engine does when it
+verifies; the CPU time those threads take per byte is measured with them.
+Compute is measured on the device the graph runs on: a matmul for the FLOP
+rate, a copy for memory bandwidth and one to host memory for the staging
+copy, at the current thread count. Both are cached in
+``<offload_dir>/fxoffload-costs.json``, so later processes plan with the same
+numbers, which also keeps compiled-graph cache keys stable across runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.engine import Engine
 from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
 
@@ -43,7 +46,9 @@ def disk_rates(engine: Engine) -> tuple[float, float, float]:
     ``UNMEASURED_BYTES_PER_S``, with a warning, and is not cached: the
     planner then offloads nothing under ``"adaptive"``.
     """
-    key = f"disk:{'direct' if engine.file.direct else 'buffered'}:{engine.config.io_threads}"
+    mode = "direct" if engine.file.direct else "buffered"
+    verify = "verify" if engine.config.verify else "raw"
+    key = f"disk:{mode}:{engine.config.io_threads}:{verify}"
     cached = _cached(engine.root, key, 3)
     if cached is None:
         try:
@@ -94,16 +99,28 @@ def _measure_disk(engine: Engine) -> tuple[float, float]:
     view = as_memoryview(buf)
     file = OffloadFile(engine.directory, direct=engine.file.direct, name="probe.bin")
     offsets = range(0, nbytes, chunk)
+    verify = engine.config.verify
+
+    def write(piece: memoryview, offset: int) -> None:
+        if verify:  # as the engine's threads do, so their CPU time is measured too
+            checksum(piece)
+        file.write(piece, offset)
+
+    def read(piece: memoryview, offset: int) -> None:
+        file.read(piece, offset)
+        if verify:
+            checksum(piece)
+
     try:
         slot = file.allocate(nbytes)
         with ThreadPoolExecutor(engine.config.io_threads) as pool:
             cpu = time.process_time()  # this thread only waits: the rest is the I/O threads'
             begin = time.perf_counter()
-            list(pool.map(lambda o: file.write(view[o : o + chunk], slot.offset + o), offsets))
+            list(pool.map(lambda o: write(view[o : o + chunk], slot.offset + o), offsets))
             file.sync()
             wrote = time.perf_counter() - begin
             begin = time.perf_counter()
-            list(pool.map(lambda o: file.read(view[o : o + chunk], slot.offset + o), offsets))
+            list(pool.map(lambda o: read(view[o : o + chunk], slot.offset + o), offsets))
             read = time.perf_counter() - begin
             cpu = time.process_time() - cpu
     finally:
