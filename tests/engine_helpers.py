@@ -21,3 +21,15 @@ def block_io_thread(engine: Engine) -> threading.Event:
     gate = threading.Event()
     engine._pool.submit(gate.wait)
     return gate
+
+
+def slots_freed(engine: Engine) -> None:
+    """Wait until the offload file has no slot in use.
+
+    A write still in flight when its handle died frees its slot when its last
+    chunk settles, on an I/O thread, a moment later.
+    """
+    deadline = time.monotonic() + 10
+    while engine.file.bytes_in_use and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert engine.file.bytes_in_use == 0
