@@ -79,9 +79,17 @@ def plan_under_budget(
             costs=costs,
         )
         kept = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
-        resident = kept + _staging_bytes(fw_gm, costs, options)
+        fw_starts = start_times(fw_gm.graph, costs)
+        resident = kept + _staging_bytes(fw_gm, fw_starts, costs, options)
         plans.append(
-            Plan(pytorch_budget, fw_gm, bw_gm, decisions, resident, _step(fw_gm, bw_gm, costs))
+            Plan(
+                pytorch_budget,
+                fw_gm,
+                bw_gm,
+                decisions,
+                resident,
+                _step(fw_gm, fw_starts, bw_gm, costs),
+            )
         )
     reference = plans[0]
     total = sum(d.nbytes for d in _saved_activations(reference.decisions))
@@ -113,14 +121,15 @@ def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
     return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
 
 
-def _staging_bytes(fw_gm: fx.GraphModule, costs: DeviceCosts, options: Options) -> int:
+def _staging_bytes(
+    fw_gm: fx.GraphModule, starts: dict[fx.Node, float], costs: DeviceCosts, options: Options
+) -> int:
     """Host memory the stores' staging buffers hold when backward starts.
 
     Every write has ended by then (the plan sees to it), and the engine keeps
     the buffers it used for reuse, up to ``staging_pool_bytes``: as many as
     were ever in flight at once, on the writes' timeline.
     """
-    starts = start_times(fw_gm.graph, costs)
     writes = WriteQueue()
     for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
         nbytes = tensor_nbytes(store.args[0].meta["val"])
@@ -128,12 +137,16 @@ def _staging_bytes(fw_gm: fx.GraphModule, costs: DeviceCosts, options: Options) 
     return min(writes.peak_bytes, options.staging_pool_bytes)
 
 
-def _step(fw_gm: fx.GraphModule, bw_gm: fx.GraphModule, costs: DeviceCosts) -> float:
+def _step(
+    fw_gm: fx.GraphModule,
+    fw_starts: dict[fx.Node, float],
+    bw_gm: fx.GraphModule,
+    costs: DeviceCosts,
+) -> float:
     """Modelled compute of forward and backward (our ops cost nothing), plus offloading's."""
-    total = 0.0
-    for gm in (fw_gm, bw_gm):
-        (output,) = gm.graph.find_nodes(op="output")
-        total += start_times(gm.graph, costs)[output]
+    (fw_output,) = fw_gm.graph.find_nodes(op="output")
+    (bw_output,) = bw_gm.graph.find_nodes(op="output")
+    total = fw_starts[fw_output] + start_times(bw_gm.graph, costs)[bw_output]
     for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
         total += costs.offload_overhead(tensor_nbytes(store.args[0].meta["val"]))
     return total
