@@ -77,15 +77,15 @@ def compile_with_offloading(
 def device_costs(options: Options, engine: Engine, device: torch.device) -> DeviceCosts:
     """The cost model's rates: those the options give, the others measured (and cached).
 
-    The I/O threads' CPU time counts only on a CPU device, whose cores compute, and only
+    The compute the I/O takes counts only on a CPU device, whose cores compute, and only
     where the disk was measured.
     """
     write, read = options.write_bytes_per_s, options.read_bytes_per_s
-    io_cpu = 0.0
+    io_compute = 0.0
     if write is None or read is None:
         measured = probe.disk_rates(engine)
         write, read = write or measured[0], read or measured[1]
-        io_cpu = measured[2] if device.type == "cpu" else 0.0
+        io_compute = measured[2] if device.type == "cpu" else 0.0
     flops, memory = options.flops_per_s, options.memory_bytes_per_s
     flops_16bit = None  # a given flops_per_s is the rate of every dtype
     copy = None  # given rates: half the memory bandwidth
@@ -102,7 +102,7 @@ def device_costs(options: Options, engine: Engine, device: torch.device) -> Devi
         read_bytes_per_s=read,
         flops_per_s_16bit=flops_16bit,
         copy_bytes_per_s=copy,
-        io_cpu_seconds_per_byte=io_cpu,
+        io_compute_seconds_per_byte=io_compute,
     )
 
 

@@ -46,7 +46,7 @@ io_safety: float = 1.5
 prefetch_budget_bytes: int = 1 << 30
 
 # "adaptive" offloads only while the step time offloading pays by the model
-# (each store's copy into staging, and the I/O threads' CPU time where the
+# (each store's copy into staging, and the compute its I/O takes where the
 # device's cores compute) stays within this fraction of the modelled step.
 max_overhead: float = 0.1
 

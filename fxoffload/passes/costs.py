@@ -41,17 +41,19 @@ class DeviceCosts:
     copy_bytes_per_s: float | None = None
     """How fast ``store`` copies a tensor into host staging, on the compute stream or
     thread: step time it pays. ``None``: half of ``memory_bytes_per_s`` (read and write)."""
-    io_cpu_seconds_per_byte: float = 0.0
-    """CPU time the I/O threads spend per byte written or read, where it is taken from
-    compute (a CPU device, whose cores compute); 0 where the disk was not measured."""
+    io_compute_seconds_per_byte: float = 0.0
+    """Compute time the I/O takes per byte written or read, where the device's cores are
+    the ones that compute (a CPU device): measured as the slowdown of compute beside
+    the I/O threads. 0 on an accelerator, and where the disk was not measured."""
 
     def copy_time(self, nbytes: int) -> float:
         rate = self.copy_bytes_per_s or self.memory_bytes_per_s / 2
         return nbytes / rate
 
     def offload_overhead(self, nbytes: int) -> float:
-        """Step time one store of ``nbytes`` costs: its staging copy and its I/O's CPU."""
-        return self.copy_time(nbytes) + 2 * nbytes * self.io_cpu_seconds_per_byte
+        """Step time one store of ``nbytes`` costs: its staging copy, and the compute its
+        write and read take."""
+        return self.copy_time(nbytes) + 2 * nbytes * self.io_compute_seconds_per_byte
 
     def flop_rate(self, dtype: torch.dtype | None) -> float:
         if self.flops_per_s_16bit is not None and dtype in (torch.bfloat16, torch.float16):

@@ -16,7 +16,7 @@ A store is accepted, in the order forward makes the values, if:
 - every accepted read, its own included, still ends before its first use
   when each is read as late as it can be;
 - the step time offloading pays by the model (each store's copy into
-  staging, and the I/O threads' CPU time where the device's cores compute)
+  staging, and the compute its I/O takes where the device's cores compute)
   stays within ``max_overhead`` of the modelled step.
 
 The earliest-made activations have the most forward left to write them in

@@ -178,6 +178,11 @@ class OffloadFile:
         """Flush written bytes to the device (buffered I/O leaves them in the page cache)."""
         os.fsync(self._fd)
 
+    def drop_cache(self) -> None:
+        """Evict the file's synced pages from the page cache, so later reads go to the device."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
     def close(self) -> None:
         os.close(self._fd)
         try:

@@ -1,9 +1,10 @@
 """Measure the rates the planner's cost model needs, once, and remember them.
 
-The disk is measured through the engine's own offload file (its I/O mode)
-and thread count: sequential chunks written and read back by
+The disk is measured through the engine's own offload file (its I/O mode,
+chunk size and thread count): sequential chunks written and read back by
 ``io_threads`` threads, each checksummed as the engine does when it
-verifies; the CPU time those threads take per byte is measured with them.
+verifies; then what that I/O costs compute on the CPU, as the slowdown of a
+matmul loop beside it.
 Compute is measured on the device the graph runs on: a matmul for the FLOP
 rate, a copy for memory bandwidth and one to host memory for the staging
 copy, at the current thread count. Both are cached in
@@ -17,9 +18,12 @@ import contextlib
 import json
 import logging
 import os
+import statistics
 import tempfile
+import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -39,8 +43,8 @@ UNMEASURED_BYTES_PER_S = 1.0
 
 
 def disk_rates(engine: Engine) -> tuple[float, float, float]:
-    """(write, read) bytes per second of ``engine``'s offload file, and the CPU seconds its
-    I/O threads spend per byte moved; cached per directory.
+    """(write, read) bytes per second of ``engine``'s offload file, and the compute seconds
+    its I/O takes from a CPU device per byte moved; cached per directory.
 
     A disk that cannot be measured (no room for the probe, an I/O error) gets
     ``UNMEASURED_BYTES_PER_S``, with a warning, and is not cached: the
@@ -48,7 +52,10 @@ def disk_rates(engine: Engine) -> tuple[float, float, float]:
     """
     mode = "direct" if engine.file.direct else "buffered"
     verify = "verify" if engine.config.verify else "raw"
-    key = f"disk:{mode}:{engine.config.io_threads}:{verify}"
+    key = (
+        f"disk:{mode}:{engine.config.io_threads}:{engine.config.chunk_bytes}:{verify}"
+        f":{torch.get_num_threads()}"
+    )
     cached = _cached(engine.root, key, 3)
     if cached is None:
         try:
@@ -90,50 +97,130 @@ def compute_rates(root: str, device: torch.device) -> tuple[float, float, float,
     return cached[0], cached[1], cached[2], cached[3]
 
 
-def _measure_disk(engine: Engine) -> tuple[float, float]:
-    """Write then read a probe file next to the engine's, in its I/O mode, chunks and threads."""
+class _ProbeIO:
+    """A probe file next to the engine's, moved in its I/O mode, chunk size and thread count,
+    each chunk checksummed as the engine does when it verifies."""
+
+    def __init__(self, engine: Engine, file: OffloadFile, nbytes: int) -> None:
+        self.chunk = engine.config.chunk_bytes
+        self.threads = engine.config.io_threads
+        self.verify = engine.config.verify
+        self.file = file
+        self.slot = file.allocate(nbytes)
+        self.buf = aligned_buffer(nbytes)  # the view does not keep it alive
+        self.buf.random_()  # real bytes, in pages that exist before the clock starts
+        self.view = as_memoryview(self.buf)
+        self.offsets = range(0, nbytes, self.chunk)
+
+    def write(self, offset: int) -> None:
+        piece = self.view[offset : offset + self.chunk]
+        if self.verify:
+            checksum(piece)
+        self.file.write(piece, self.slot.offset + offset)
+
+    def read(self, offset: int) -> None:
+        piece = self.view[offset : offset + self.chunk]
+        self.file.read(piece, self.slot.offset + offset)
+        if self.verify:
+            checksum(piece)
+
+    def timed(self, pool: ThreadPoolExecutor, move) -> float:
+        begin = time.perf_counter()
+        list(pool.map(move, self.offsets))
+        return time.perf_counter() - begin
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[Callable[[], int]]:
+        """Threads writing and reading the probe in a loop; yields the bytes they have moved."""
+        stop = threading.Event()
+        moved = [0] * self.threads
+
+        def loop(i: int) -> None:
+            mine = self.offsets[i :: self.threads]
+            while not stop.is_set():
+                for move in (self.write, self.read):
+                    for offset in mine:
+                        move(offset)
+                        moved[i] += self.chunk
+
+        workers = [threading.Thread(target=loop, args=(i,)) for i in range(self.threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield lambda: sum(moved)
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
+
+
+def _measure_disk(engine: Engine) -> tuple[float, float, float]:
+    """Write then read a probe file, then measure what that I/O costs compute.
+
+    Writes are timed as the engine issues them, without a sync. In buffered
+    mode the written pages are synced and dropped from the page cache before
+    the reads, so these measure the device: the page cache is memory that
+    offloading is meant to free, and it may not hold the bytes by backward.
+    """
     chunk = engine.config.chunk_bytes
     nbytes = max(DISK_PROBE_BYTES // chunk, 1) * chunk
-    buf = aligned_buffer(nbytes)
-    buf.random_()  # real bytes, in pages that exist before the clock starts
-    view = as_memoryview(buf)
     file = OffloadFile(engine.directory, direct=engine.file.direct, name="probe.bin")
-    offsets = range(0, nbytes, chunk)
-    verify = engine.config.verify
-
-    def write(piece: memoryview, offset: int) -> None:
-        if verify:  # as the engine's threads do, so their CPU time is measured too
-            checksum(piece)
-        file.write(piece, offset)
-
-    def read(piece: memoryview, offset: int) -> None:
-        file.read(piece, offset)
-        if verify:
-            checksum(piece)
-
     try:
-        slot = file.allocate(nbytes)
-        with ThreadPoolExecutor(engine.config.io_threads) as pool:
-            cpu = time.process_time()  # this thread only waits: the rest is the I/O threads'
-            begin = time.perf_counter()
-            list(pool.map(lambda o: write(view[o : o + chunk], slot.offset + o), offsets))
-            file.sync()
-            wrote = time.perf_counter() - begin
-            begin = time.perf_counter()
-            list(pool.map(lambda o: read(view[o : o + chunk], slot.offset + o), offsets))
-            read = time.perf_counter() - begin
-            cpu = time.process_time() - cpu
+        probe = _ProbeIO(engine, file, nbytes)
+        with ThreadPoolExecutor(probe.threads) as pool:
+            wrote = probe.timed(pool, probe.write)
+            if not file.direct:
+                file.sync()
+                file.drop_cache()
+            read = probe.timed(pool, probe.read)
+        lost = _compute_seconds_lost_per_byte(probe)
     finally:
         file.close()
-    rates = (nbytes / wrote, nbytes / read, cpu / (2 * nbytes))
+    rates = (nbytes / wrote, nbytes / read, lost)
     log.info(
-        "disk of %s: write %.2f GB/s, read %.2f GB/s, I/O CPU %.2f ms/GB",
+        "disk of %s: write %.2f GB/s, read %.2f GB/s, I/O takes %.2f ms of CPU compute per GB",
         engine.root,
         rates[0] / 1e9,
         rates[1] / 1e9,
         rates[2] * 1e12,
     )
     return rates
+
+
+INTERFERENCE_SECONDS = 0.2
+"""How long the compute loop of the interference probe runs, alone and beside the I/O."""
+INTERFERENCE_PAIRS = 3
+"""Runs alone and beside the I/O, in turn; the median of their differences is taken."""
+
+
+def _compute_seconds_lost_per_byte(probe: _ProbeIO) -> float:
+    """How much longer a matmul loop on torch's threads takes per byte the I/O threads move
+    meanwhile.
+
+    This is what offloading costs a CPU device whose cores compute: the I/O
+    threads' own CPU time, and the waits of a parallel kernel whose threads
+    lose a core to them (each kernel ends with its slowest thread). Neither is
+    visible in the I/O threads' CPU time alone.
+    """
+    a = torch.randn(512, 512)
+    once = _best_time(lambda: torch.mm(a, a), torch.device("cpu"))
+    reps = max(int(INTERFERENCE_SECONDS / once), 1)
+
+    def work() -> float:
+        begin = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, a)
+        return time.perf_counter() - begin
+
+    lost = []
+    for _ in range(INTERFERENCE_PAIRS):
+        alone = work()
+        with probe.busy() as moved:
+            before = moved()
+            beside_io = work()
+            nbytes = moved() - before
+        lost.append(max(beside_io - alone, 0.0) / max(nbytes, 1))
+    return statistics.median(lost)
 
 
 def _measure_compute(device: torch.device) -> tuple[float, float, float]:
@@ -182,7 +269,8 @@ def _cached(root: str, key: str, count: int = 2) -> tuple[float, ...] | None:
     if (
         isinstance(value, list)
         and len(value) == count
-        and all(isinstance(v, (int, float)) and v > 0 for v in value)
+        and all(isinstance(v, (int, float)) and v >= 0 for v in value)
+        and min(value[:2]) > 0  # the rates; a cost after them may be 0
     ):
         return tuple(float(v) for v in value)
     return None
