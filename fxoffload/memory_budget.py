@@ -9,15 +9,20 @@ for free; recomputation buys the rest.
 
 Recomputation is PyTorch's: its min-cut partitioner and its knapsack over
 recomputable nodes, run at each budget of a fixed grid (``PYTORCH_BUDGETS``),
-with its own ban heuristics and RNG rules. Each partition is then planned for
-offloading by the passes, and the plan whose modelled step (forward and
-backward compute, plus offloading's own cost) is fastest among those within
-the budget is taken; if none is, the one that keeps the fewest bytes.
+with its own ban heuristics and RNG rules. Each partition is planned for
+offloading by the passes; its candidates offload the first ``k`` of that
+plan's stores, for every ``k``, so that a budget that needs fewer stores pays
+for fewer. Each candidate has a modelled step: forward and backward compute,
+plus offloading's own cost.
 
-Choosing the fastest feasible plan from one fixed set makes the resident
-bytes monotonic in the budget: a lower budget can only remove plans from the
-feasible set, and it replaces the chosen one only if that one no longer fits,
-with one that fits the lower budget.
+The fastest candidate that fits the budget is taken; if none fits, the one
+that keeps the fewest bytes. Choosing the fastest fitting candidate from one
+fixed set makes the resident bytes monotonic in the budget: a lower budget
+can only remove candidates, and it replaces the chosen one only if that one
+no longer fits, with one that fits the lower budget. The note also gives the
+plan's modelled peak in backward (``liveness.py``): recomputation at low
+PyTorch budgets can move bytes from the start of backward into backward
+itself, which the resident bytes do not show.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from fxoffload import ops
 from fxoffload.options import Options
 from fxoffload.passes import SavedKind, SavedValue, offload_saved_activations
 from fxoffload.passes.costs import DeviceCosts, start_times
+from fxoffload.passes.liveness import backward_live_bytes
 from fxoffload.passes.saved import tensor_nbytes
 from fxoffload.passes.timeline import WriteQueue
 
@@ -40,13 +46,22 @@ PYTORCH_BUDGETS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.0)
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """One candidate: a partition at a PyTorch budget, planned for offloading."""
+    """The chosen partition at a PyTorch budget, planned for offloading."""
 
     pytorch_budget: float
     fw_gm: fx.GraphModule
     bw_gm: fx.GraphModule
     decisions: list[SavedValue]
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A partition offloading the first ``stores`` stores of its adaptive plan."""
+
+    pytorch_budget: float
+    stores: int
     resident_bytes: int
+    """Saved activations kept, and staging buffers held, when backward starts."""
     step_seconds: float
 
 
@@ -67,89 +82,91 @@ def plan_under_budget(
     on the same joint graph. The chosen plan's decisions include a ``RECOMPUTED``
     record for every value the reference partition saves and this one does not.
     """
-    plans = []
+    passes = {
+        "num_fwd_outputs": num_fwd_outputs,
+        "static_input_indices": static_input_indices,
+        "options": options,
+        "costs": costs,
+    }
+    plans, candidates = {}, []
     for pytorch_budget in PYTORCH_BUDGETS:
         fw_gm, bw_gm = partition(pytorch_budget)
-        decisions = offload_saved_activations(
-            fw_gm,
-            bw_gm,
-            num_fwd_outputs=num_fwd_outputs,
-            static_input_indices=static_input_indices,
-            options=options,
-            costs=costs,
-        )
-        kept = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
-        fw_starts = start_times(fw_gm.graph, costs)
-        resident = kept + _staging_bytes(fw_gm, fw_starts, costs, options)
-        plans.append(
-            Plan(
-                pytorch_budget,
-                fw_gm,
-                bw_gm,
-                decisions,
-                resident,
-                _step(fw_gm, fw_starts, bw_gm, costs),
-            )
-        )
-    reference = plans[0]
+        decisions = offload_saved_activations(fw_gm, bw_gm, **passes)
+        plans[pytorch_budget] = Plan(pytorch_budget, fw_gm, bw_gm, decisions)
+        candidates.extend(_candidates(plans[pytorch_budget], costs, options))
+        if pytorch_budget == PYTORCH_BUDGETS[0]:
+            reference_step = candidates[-1].step_seconds  # all of its stores
+    reference = plans[PYTORCH_BUDGETS[0]]
     total = sum(d.nbytes for d in _saved_activations(reference.decisions))
     allowed = int(options.memory_budget * total)
-    fitting = [p for p in plans if p.resident_bytes <= allowed]
+    fitting = [c for c in candidates if c.resident_bytes <= allowed]
     chosen = (
-        min(fitting, key=lambda p: p.step_seconds)
+        min(fitting, key=lambda c: (c.step_seconds, c.resident_bytes))
         if fitting
-        else min(plans, key=lambda p: p.resident_bytes)
+        else min(candidates, key=lambda c: (c.resident_bytes, c.step_seconds))
     )
-    recomputed = _recomputed(reference.decisions, chosen)
-    chosen = dataclasses.replace(chosen, decisions=[*chosen.decisions, *recomputed])
-    slower = chosen.step_seconds - reference.step_seconds
+    plan = plans[chosen.pytorch_budget]
+    if chosen.stores < len(_stores(plan.fw_gm)):  # plan it again, offloading only those
+        fw_gm, bw_gm = partition(chosen.pytorch_budget)
+        decisions = offload_saved_activations(fw_gm, bw_gm, store_limit=chosen.stores, **passes)
+        plan = Plan(chosen.pytorch_budget, fw_gm, bw_gm, decisions)
+    recomputed = _recomputed(reference.decisions, plan)
+    peak = max(backward_live_bytes(plan.bw_gm.graph))
+    plan = dataclasses.replace(plan, decisions=[*plan.decisions, *recomputed])
     note = (
         f"memory_budget={options.memory_budget}: at most {allowed} of {total} saved-activation "
         f"bytes in memory at the start of backward; the plan keeps {chosen.resident_bytes}, "
-        f"staging buffers included"
-        f"{'' if fitting else ' (the least any plan keeps: the budget is not reached)'}, "
-        f"recomputing {len(recomputed)} values (PyTorch's partition at "
-        f"activation_memory_budget={chosen.pytorch_budget}); modelled step "
-        f"{chosen.step_seconds * 1e3:.2f} ms, {slower * 1e3:+.2f} ms against budget 1.0 "
+        f"staging buffers included{'' if fitting else ' (the least any plan keeps: not reached)'}, "
+        f"and {peak} with backward's own tensors at its modelled peak; "
+        f"it offloads {chosen.stores} stores and recomputes {len(recomputed)} values "
+        f"(PyTorch's partition at activation_memory_budget={chosen.pytorch_budget}); modelled "
+        f"step {chosen.step_seconds * 1e3:.2f} ms, "
+        f"{(chosen.step_seconds - reference_step) * 1e3:+.2f} ms against budget 1.0 "
         f"with the same offloading policy"
     )
-    return chosen, note
+    return plan, note
+
+
+def _candidates(plan: Plan, costs: DeviceCosts, options: Options) -> list[Candidate]:
+    """The plan with its first ``k`` stores, for every ``k``.
+
+    Each store frees the bytes of the saved values it holds, adds its staging
+    buffer to those the writes' timeline holds at once (the engine keeps up to
+    ``staging_pool_bytes`` of them for reuse), and costs its overhead.
+    """
+    saved = _saved_activations(plan.decisions)
+    freed: dict[str, int] = {}
+    for d in saved:
+        if d.offload:
+            holder = d.rebuilt_from or d.name
+            freed[holder] = freed.get(holder, 0) + d.nbytes
+    stores = _stores(plan.fw_gm)
+    fw_starts = start_times(plan.fw_gm.graph, costs)
+    (fw_output,) = plan.fw_gm.graph.find_nodes(op="output")
+    (bw_output,) = plan.bw_gm.graph.find_nodes(op="output")
+    step = fw_starts[fw_output] + start_times(plan.bw_gm.graph, costs)[bw_output]
+    kept = sum(d.nbytes for d in saved)
+    writes = WriteQueue()
+    staged = 0
+    candidates = [Candidate(plan.pytorch_budget, 0, kept, step)]
+    for k, store in enumerate(stores, 1):
+        nbytes = tensor_nbytes(store.args[0].meta["val"])
+        kept -= freed.get(store.args[0].name, 0)
+        writes.add(fw_starts[store], options.io_safety * costs.write_time(nbytes), nbytes)
+        staged = min(writes.peak_bytes, options.staging_pool_bytes)
+        step += costs.offload_overhead(nbytes)
+        candidates.append(Candidate(plan.pytorch_budget, k, kept + staged, step))
+    return candidates
+
+
+def _stores(fw_gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's stores, in the order forward makes their values."""
+    return fw_gm.graph.find_nodes(op="call_function", target=ops.store)
 
 
 def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
     """The decisions of saved activations (not the bases stored only for their views)."""
     return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
-
-
-def _staging_bytes(
-    fw_gm: fx.GraphModule, starts: dict[fx.Node, float], costs: DeviceCosts, options: Options
-) -> int:
-    """Host memory the stores' staging buffers hold when backward starts.
-
-    Every write has ended by then (the plan sees to it), and the engine keeps
-    the buffers it used for reuse, up to ``staging_pool_bytes``: as many as
-    were ever in flight at once, on the writes' timeline.
-    """
-    writes = WriteQueue()
-    for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
-        nbytes = tensor_nbytes(store.args[0].meta["val"])
-        writes.add(starts[store], options.io_safety * costs.write_time(nbytes), nbytes)
-    return min(writes.peak_bytes, options.staging_pool_bytes)
-
-
-def _step(
-    fw_gm: fx.GraphModule,
-    fw_starts: dict[fx.Node, float],
-    bw_gm: fx.GraphModule,
-    costs: DeviceCosts,
-) -> float:
-    """Modelled compute of forward and backward (our ops cost nothing), plus offloading's."""
-    (fw_output,) = fw_gm.graph.find_nodes(op="output")
-    (bw_output,) = bw_gm.graph.find_nodes(op="output")
-    total = fw_starts[fw_output] + start_times(bw_gm.graph, costs)[bw_output]
-    for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
-        total += costs.offload_overhead(tensor_nbytes(store.args[0].meta["val"]))
-    return total
 
 
 def _recomputed(reference: list[SavedValue], chosen: Plan) -> list[SavedValue]:

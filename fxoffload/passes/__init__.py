@@ -34,8 +34,13 @@ def offload_saved_activations(
     static_input_indices: list[int] | None,
     options: Options,
     costs: DeviceCosts | None,
+    store_limit: int | None = None,
 ) -> list[SavedValue]:
-    """Rewrite ``fw_gm`` and ``bw_gm`` in place; return every saved value's decision."""
+    """Rewrite ``fw_gm`` and ``bw_gm`` in place; return every saved value's decision.
+
+    ``store_limit``: offload at most the first that many stores forward makes
+    (``memory_budget.py``, when its budget needs no more).
+    """
     # Step 1: find the saved values and classify each.
     saved = classify_saved_values(
         fw_gm, bw_gm, num_fwd_outputs=num_fwd_outputs, static_input_indices=static_input_indices
@@ -46,7 +51,13 @@ def offload_saved_activations(
     planned, stores = group_views(fw_gm, planned)
     # Step 4: under "adaptive", keep the stores whose I/O the disk cannot hide.
     planned, stores = plan_stores(
-        planned, stores, fw_gm.graph, bw_gm.graph, options=options, costs=costs
+        planned,
+        stores,
+        fw_gm.graph,
+        bw_gm.graph,
+        options=options,
+        costs=costs,
+        store_limit=store_limit,
     )
     tag_saved_values(fw_gm, bw_gm, planned)
     if not stores:

@@ -83,14 +83,32 @@ def plan_stores(
     *,
     options: Options,
     costs: DeviceCosts | None,
+    store_limit: int | None = None,
 ) -> tuple[list[SavedValue], list[Stored]]:
-    """Under ``"adaptive"``, keep the stores the model says cannot be hidden.
+    """Under ``"adaptive"``, keep the stores the model says cannot be hidden; then, given
+    ``store_limit``, all but the first that many forward makes (a memory budget that
+    needs no more).
 
     Returns the records (a kept store's members say why; a base that was not
     itself saved is dropped with its store) and the stores that remain.
     """
     if options.policy == "adaptive":
         planned, stores = _plan_adaptive_stores(planned, stores, fw_graph, bw_graph, options, costs)
+    if store_limit is not None and len(stores) > store_limit:
+        position = {n.name: i for i, n in enumerate(fw_graph.nodes)}
+        stores = sorted(stores, key=lambda s: position[s.value])
+        why = (
+            f"not needed: memory_budget is met by the {store_limit} stores made before it"
+            if store_limit
+            else "not needed: memory_budget is met without offloading"
+        )
+        records = {v.name: v for v in planned}
+        for store in stores[store_limit:]:
+            _keep_store(records, store, why)
+        planned, stores = (
+            [records[v.name] for v in planned if v.name in records],
+            stores[:store_limit],
+        )
     for value in planned:
         if not value.offload:
             log.debug("keep %s: %s", value.name, value.reason)
@@ -130,13 +148,19 @@ def _plan_adaptive_stores(
             records[store.value] = dataclasses.replace(record, reason=why)
             kept_stores.append(store)
             continue
-        if store.value not in store.members:  # a base stored only for its views
-            del records[store.value]
-        for name in store.members:
-            records[name] = dataclasses.replace(
-                records[name], offload=False, rebuilt_from=None, reason=why
-            )
+        _keep_store(records, store, why)
     return [records[v.name] for v in planned if v.name in records], kept_stores
+
+
+def _keep_store(records: dict[str, SavedValue], store: Stored, why: str) -> None:
+    """Keep ``store``'s members in memory, saying ``why``; a base stored only for its views
+    goes."""
+    if store.value not in store.members:
+        del records[store.value]
+    for name in store.members:
+        records[name] = dataclasses.replace(
+            records[name], offload=False, rebuilt_from=None, reason=why
+        )
 
 
 def plan_adaptive(
