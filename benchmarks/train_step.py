@@ -595,16 +595,19 @@ def print_max_batch(results: list[dict], args: argparse.Namespace) -> None:
 
 
 def print_rates(offload_dir: str) -> None:
-    """The device rates the adaptive planner used, as measured and cached by fxoffload."""
+    """The device rates the adaptive planner used, as measured and cached by fxoffload
+    (the disk's: those of the file system of ``offload_dir``)."""
     from fxoffload.runtime import probe
 
     try:
-        with open(os.path.join(offload_dir, probe.CACHE_NAME)) as f:
+        with open(probe.cache_path()) as f:
             table = json.load(f)
     except (OSError, ValueError):
         return
+    disk = f"disk:{os.stat(offload_dir).st_dev}:"
     for key, rates in table.items():
-        print(f"planner rates {key}: " + ", ".join(f"{r:.3g}" for r in rates))
+        if key.startswith(("compute:", disk)):
+            print(f"planner rates {key}: " + ", ".join(f"{r:.3g}" for r in rates))
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -90,7 +90,7 @@ def device_costs(options: Options, engine: Engine, device: torch.device) -> Devi
     flops_16bit = None  # a given flops_per_s is the rate of every dtype
     copy = None  # given rates: half the memory bandwidth
     if flops is None or memory is None:
-        measured = probe.compute_rates(options.offload_dir, device)
+        measured = probe.compute_rates(device)
         if flops is None:
             flops, flops_16bit = measured[0], measured[1]
         memory = memory or measured[2]

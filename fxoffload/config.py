@@ -50,9 +50,9 @@ prefetch_budget_bytes: int = 1 << 30
 # device's cores compute) stays within this fraction of the modelled step.
 max_overhead: float = 0.1
 
-# Device rates for the cost model; None: measured once per offload directory
-# (the disk) and per device and thread count (compute), cached in the
-# directory's fxoffload-costs.json.
+# Device rates for the cost model; None: measured once per file system (the
+# disk) and per device and thread count (compute), cached per user
+# (fxoffload.runtime.probe.cache_path()).
 write_bytes_per_s: float | None = None
 read_bytes_per_s: float | None = None
 flops_per_s: float | None = None

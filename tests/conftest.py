@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Measured rates go to a cache of this run, never the user's (subprocesses inherit it)."""
+    os.environ["FXOFFLOAD_CACHE_DIR"] = tempfile.mkdtemp(prefix="fxoffload-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.pop("FXOFFLOAD_CACHE_DIR"), ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,6 @@ def test_backend_found_without_importing_fxoffload(tmp_path) -> None:
     done = run_python(script, str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert "stored 1 written 32768" in done.stdout
-    # The engine removed its private directory at exit.
-    # Only the cost model's cached rates stay; the engine's directory is gone.
-    assert [p.name for p in tmp_path.iterdir()] == ["fxoffload-costs.json"]
+    # The engine removed its private directory at exit (the measured rates are cached per
+    # user, not here).
+    assert list(tmp_path.iterdir()) == []

@@ -371,34 +371,41 @@ def test_adaptive_dynamic_shapes_one_compile(tmp_path) -> None:
         assert torch.equal(a, b)
 
 
-def test_measured_rates_are_cached_in_the_offload_dir(tmp_path) -> None:
-    engine = engine_for(str(tmp_path))
+def test_measured_rates_are_cached_per_user_and_file_system(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("FXOFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
+    offload_dir = tmp_path / "offload"
+    offload_dir.mkdir()
+    engine = engine_for(str(offload_dir))
     write, read, io_compute = probe.disk_rates(engine)
-    compute = probe.compute_rates(str(tmp_path), torch.device("cpu"))
+    compute = probe.compute_rates(torch.device("cpu"))
     assert min(write, read, *compute) > 0
     assert 0 <= io_compute < 1e-6  # less than a second of compute lost per megabyte moved
-    path = tmp_path / probe.CACHE_NAME
+    path = tmp_path / "cache" / probe.CACHE_NAME
     table = json.loads(path.read_text())
-    assert len(table) == 2
+    assert sorted(k.split(":")[:2] for k in table) == [
+        ["compute", "cpu"],
+        ["disk", str(os.stat(offload_dir).st_dev)],
+    ]
     mtime = os.stat(path).st_mtime_ns
     # Measured once: a second ask (another process would too) reads the file.
     assert probe.disk_rates(engine) == (write, read, io_compute)
-    assert probe.compute_rates(str(tmp_path), torch.device("cpu")) == compute
+    assert probe.compute_rates(torch.device("cpu")) == compute
     assert os.stat(path).st_mtime_ns == mtime
-    # Nothing else is left in the offload dir but the engine's private directory.
-    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["fxoffload", "fxoffload"]
+    # Nothing is left in the offload dir but the engine's private directory.
+    assert [p.name.split("-")[0] for p in offload_dir.iterdir()] == ["fxoffload"]
 
 
-def test_the_disk_is_measured_again_for_another_chunk_size(tmp_path) -> None:
+def test_the_disk_is_measured_again_for_another_chunk_size(tmp_path, monkeypatch) -> None:
     """The disk rates depend on the chunk size the engine moves, so it is in the cache key."""
+    monkeypatch.setenv("FXOFFLOAD_CACHE_DIR", str(tmp_path / "cache"))
     for chunk_bytes in (1 << 20, 4 << 20):
         engine = Engine(str(tmp_path), EngineConfig(chunk_bytes=chunk_bytes))
         try:
             probe.disk_rates(engine)
         finally:
             engine.close()
-    table = json.loads((tmp_path / probe.CACHE_NAME).read_text())
-    assert sorted(k.split(":")[3] for k in table if k.startswith("disk:")) == [
+    table = json.loads(open(probe.cache_path()).read())
+    assert sorted(k.split(":")[4] for k in table if k.startswith("disk:")) == [
         str(1 << 20),
         str(4 << 20),
     ]

@@ -7,14 +7,16 @@ verifies; then what that I/O costs compute on the CPU, as the slowdown of a
 matmul loop beside it.
 Compute is measured on the device the graph runs on: a matmul for the FLOP
 rate, a copy for memory bandwidth and one to host memory for the staging
-copy, at the current thread count. Both are cached in
-``<offload_dir>/fxoffload-costs.json``, so later processes plan with the same
-numbers, which also keeps compiled-graph cache keys stable across runs.
+copy, at the current thread count. Both are cached in a per-user file
+(``cache_path()``; the disk's rates keyed by the file system measured), so
+later processes plan with the same numbers, which also keeps compiled-graph
+cache keys stable across runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -34,7 +36,18 @@ from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memor
 
 log = logging.getLogger(__name__)
 
-CACHE_NAME = "fxoffload-costs.json"
+CACHE_NAME = "costs.json"
+
+
+def cache_path() -> str:
+    """The file of measured rates: in ``$FXOFFLOAD_CACHE_DIR``, else in
+    ``<temporary directory>/fxoffload_<user>``, as inductor keeps its cache."""
+    directory = os.environ.get("FXOFFLOAD_CACHE_DIR") or os.path.join(
+        tempfile.gettempdir(), f"fxoffload_{getpass.getuser()}"
+    )
+    return os.path.join(directory, CACHE_NAME)
+
+
 DISK_PROBE_BYTES = 64 << 20
 
 
@@ -53,10 +66,10 @@ def disk_rates(engine: Engine) -> tuple[float, float, float]:
     mode = "direct" if engine.file.direct else "buffered"
     verify = "verify" if engine.config.verify else "raw"
     key = (
-        f"disk:{mode}:{engine.config.io_threads}:{engine.config.chunk_bytes}:{verify}"
-        f":{torch.get_num_threads()}"
+        f"disk:{os.stat(engine.root).st_dev}:{mode}:{engine.config.io_threads}"
+        f":{engine.config.chunk_bytes}:{verify}:{torch.get_num_threads()}"
     )
-    cached = _cached(engine.root, key, 3)
+    cached = _cached(key, 3)
     if cached is None:
         try:
             cached = _measure_disk(engine)
@@ -69,13 +82,13 @@ def disk_rates(engine: Engine) -> tuple[float, float, float]:
                 stacklevel=2,
             )
             return UNMEASURED_BYTES_PER_S, UNMEASURED_BYTES_PER_S, 0.0
-        _remember(engine.root, key, cached)
+        _remember(key, cached)
     return cached[0], cached[1], cached[2]
 
 
-def compute_rates(root: str, device: torch.device) -> tuple[float, float, float, float]:
+def compute_rates(device: torch.device) -> tuple[float, float, float, float]:
     """(FLOP/s, 16-bit FLOP/s, memory bytes/s, bytes/s copied to host memory) of ``device``,
-    cached under ``root``. The last is what ``store``'s copy into staging runs at.
+    cached. The last is what ``store``'s copy into staging runs at.
 
     Matmuls in bfloat16 or float16 (autocast) can run many times faster than
     in float32 (about 15x on an H100 at full float32 precision, by its
@@ -90,10 +103,10 @@ def compute_rates(root: str, device: torch.device) -> tuple[float, float, float,
         key = f"compute:{torch.cuda.get_device_name(device)}:{precision}"
     else:
         key = f"compute:{device.type}:{torch.get_num_threads()}:{precision}"
-    cached = _cached(root, key, 4)
+    cached = _cached(key, 4)
     if cached is None:
         cached = _measure_compute(device)
-        _remember(root, key, cached)
+        _remember(key, cached)
     return cached[0], cached[1], cached[2], cached[3]
 
 
@@ -260,9 +273,9 @@ def _best_time(fn, device: torch.device, reps: int = 5) -> float:
     return best
 
 
-def _cached(root: str, key: str, count: int = 2) -> tuple[float, ...] | None:
+def _cached(key: str, count: int) -> tuple[float, ...] | None:
     try:
-        with open(os.path.join(root, CACHE_NAME)) as f:
+        with open(cache_path()) as f:
             value = json.load(f).get(key)
     except (OSError, ValueError, AttributeError):
         return None
@@ -276,9 +289,9 @@ def _cached(root: str, key: str, count: int = 2) -> tuple[float, ...] | None:
     return None
 
 
-def _remember(root: str, key: str, rates: tuple[float, ...]) -> None:
+def _remember(key: str, rates: tuple[float, ...]) -> None:
     """Add ``key`` to the cache file; atomic, so concurrent processes never see half a file."""
-    path = os.path.join(root, CACHE_NAME)
+    path = cache_path()
     try:
         with open(path) as f:
             table = json.load(f)
@@ -288,7 +301,8 @@ def _remember(root: str, key: str, rates: tuple[float, ...]) -> None:
         table = {}
     table[key] = list(rates)
     with contextlib.suppress(OSError):
-        fd, tmp = tempfile.mkstemp(prefix=".fxoffload-costs-", dir=root)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".costs-", dir=os.path.dirname(path))
         with os.fdopen(fd, "w") as f:
             json.dump(table, f, indent=1)
         os.replace(tmp, path)
