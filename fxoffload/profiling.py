@@ -9,6 +9,12 @@ unfused, so like the model the times are an upper bound for compiled code;
 they are measured instead of assumed. Each value is freed after its last use,
 so the profile holds no more memory than eager execution of the graph.
 
+The partitioner profiles the joint forward and backward graph once, and
+``copy_times`` hands each time to the node of the same name in each
+partition (PyTorch's partitioner copies nodes with their names; a node it
+recomputes in backward is a copy too), so trying many partitions, as
+``memory_budget`` does, costs one profile.
+
 A graph that cannot run on such inputs (an op that checks its values, say)
 keeps the FLOP model, with a warning naming the op. Profiled times change
 from run to run, so they are not part of the compile cache key: a cached
@@ -54,6 +60,16 @@ def profile(gm: fx.GraphModule, repeats: int = 2) -> None:
                         del env[used]
     for node, seconds in times.items():
         node.meta[MEASURED_SECONDS] = seconds
+
+
+def copy_times(profiled: fx.GraphModule, partition: fx.GraphModule) -> None:
+    """Give each node of ``partition`` the measured time of its namesake in ``profiled``
+    (if it calls the same op: a node the partitioner made keeps the FLOP model)."""
+    measured = {n.name: n for n in profiled.graph.nodes if MEASURED_SECONDS in n.meta}
+    for node in partition.graph.nodes:
+        source = measured.get(node.name)
+        if node.op == "call_function" and source is not None and source.target == node.target:
+            node.meta[MEASURED_SECONDS] = source.meta[MEASURED_SECONDS]
 
 
 def _run(gm: fx.GraphModule, node: fx.Node, env: dict, times: dict) -> Any:

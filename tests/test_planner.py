@@ -238,6 +238,32 @@ class TestProfile:
             profiling.profile(gm)
         assert not any(MEASURED_SECONDS in n.meta for n in gm.graph.nodes)
 
+    def test_a_budget_plans_every_partition_with_one_profile_of_the_joint_graph(
+        self, tmp_path
+    ) -> None:
+        slow_disk = {"write_bytes_per_s": 1e7, "read_bytes_per_s": 1e7}  # budget 0: recompute
+        opts = Options(
+            **options(str(tmp_path), cost_model="profile", memory_budget=0.0, **slow_disk)
+        )
+        engine = engine_for(opts.offload_dir, opts.engine_config())
+        partitioner = OffloadPartitioner(opts, device_costs(opts, engine, torch.device("cpu")))
+        graphs: list[fx.GraphModule] = []
+
+        def capture(gm: fx.GraphModule, example_inputs):
+            graphs.append(gm)
+            return boxed_nop(gm, example_inputs)
+
+        backend = aot_autograd(fw_compiler=capture, bw_compiler=capture, partition_fn=partitioner)
+        torch.compile(LayerStack(6), backend=backend)(torch.randn(64, 256)).backward()
+        fw, bw = graphs
+        times = {}
+        for n in [*fw.graph.nodes, *bw.graph.nodes]:
+            if n.op == "call_function" and n.target.namespace == "aten":
+                times.setdefault(n.name, set()).add(n.meta[MEASURED_SECONDS])
+        # A GELU recomputed in backward has the one time the joint graph's run measured.
+        recomputed = [n.name for n in bw.graph.nodes if n.target is torch.ops.aten.gelu.default]
+        assert recomputed and all(len(times[name]) == 1 for name in recomputed)
+
     @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
     def test_profiled_adaptive_training_is_bitwise_equal_to_none(self, compiler, tmp_path) -> None:
         torch.manual_seed(0)
