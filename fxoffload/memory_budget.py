@@ -78,21 +78,19 @@ def plan_under_budget(
             options=options,
             costs=costs,
         )
-        kept = sum(d.nbytes for d in _saved_activations(decisions) if not d.offload)
         fw_starts = start_times(fw_gm.graph, costs)
-        resident = kept + _staging_bytes(fw_gm, fw_starts, costs, options)
         plans.append(
             Plan(
                 pytorch_budget,
                 fw_gm,
                 bw_gm,
                 decisions,
-                resident,
-                _step(fw_gm, fw_starts, bw_gm, costs),
+                resident_bytes(fw_gm, fw_starts, decisions, costs, options),
+                modelled_step(fw_gm, fw_starts, bw_gm, costs),
             )
         )
     reference = plans[0]
-    total = sum(d.nbytes for d in _saved_activations(reference.decisions))
+    total = sum(d.nbytes for d in saved_activations(reference.decisions))
     allowed = int(options.memory_budget * total)
     fitting = [p for p in plans if p.resident_bytes <= allowed]
     chosen = (
@@ -116,28 +114,34 @@ def plan_under_budget(
     return chosen, note
 
 
-def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
+def saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
     """The decisions of saved activations (not the bases stored only for their views)."""
     return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
 
 
-def _staging_bytes(
-    fw_gm: fx.GraphModule, starts: dict[fx.Node, float], costs: DeviceCosts, options: Options
+def resident_bytes(
+    fw_gm: fx.GraphModule,
+    starts: dict[fx.Node, float],
+    decisions: Sequence[SavedValue],
+    costs: DeviceCosts,
+    options: Options,
 ) -> int:
-    """Host memory the stores' staging buffers hold when backward starts.
+    """Saved-activation bytes in memory when backward starts: those kept, and the host
+    memory the stores' staging buffers hold then.
 
     Every write has ended by then (the plan sees to it), and the engine keeps
     the buffers it used for reuse, up to ``staging_pool_bytes``: as many as
     were ever in flight at once, on the writes' timeline.
     """
+    kept = sum(d.nbytes for d in saved_activations(decisions) if not d.offload)
     writes = WriteQueue()
     for store in fw_gm.graph.find_nodes(op="call_function", target=ops.store):
         nbytes = tensor_nbytes(store.args[0].meta["val"])
         writes.add(starts[store], options.io_safety * costs.write_time(nbytes), nbytes)
-    return min(writes.peak_bytes, options.staging_pool_bytes)
+    return kept + min(writes.peak_bytes, options.staging_pool_bytes)
 
 
-def _step(
+def modelled_step(
     fw_gm: fx.GraphModule,
     fw_starts: dict[fx.Node, float],
     bw_gm: fx.GraphModule,
@@ -164,6 +168,6 @@ def _recomputed(reference: list[SavedValue], chosen: Plan) -> list[SavedValue]:
                 f"activation_memory_budget={chosen.pytorch_budget}"
             ),
         )
-        for d in _saved_activations(reference)
+        for d in saved_activations(reference)
         if d.name not in saved
     ]

@@ -41,6 +41,10 @@ class PartitionResult:
     backward_code: str
     budget_note: str | None = None
     """Under ``memory_budget``: what it asked for and what the plan reached."""
+    fw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    bw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The rewritten graphs themselves, which the simulator times; the inner compiler
+    may change them later (``aot_eager`` does not)."""
 
 
 class OffloadPartitioner(CustomPartitionerFn):
@@ -87,7 +91,9 @@ class OffloadPartitioner(CustomPartitionerFn):
         else:
             fw_gm, bw_gm = partition(functorch_config.activation_memory_budget)
             decisions = offload_saved_activations(fw_gm, bw_gm, costs=self.costs, **passes)
-        result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip(), note)
+        result = PartitionResult(
+            decisions, fw_gm.code.strip(), bw_gm.code.strip(), note, fw_gm, bw_gm
+        )
         log_partition(result.decisions, result.forward_code, result.backward_code, note)
         if self.on_partition is not None:
             self.on_partition(result)
