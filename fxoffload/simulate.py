@@ -50,6 +50,8 @@ from fxoffload.passes.costs import DeviceCosts, node_time, start_times
 from fxoffload.passes.saved import tensor_nbytes
 from fxoffload.report import format_decisions
 
+POLICIES = ("none", "adaptive", "all", "recompute")
+"""The policies simulated by default, each without a memory budget."""
 BUDGETS = (0.1, 0.3, 0.5)
 """The ``memory_budget`` values simulated by default."""
 
@@ -158,39 +160,44 @@ def simulate(
     *args: Any,
     hardware: Hardware,
     options: Mapping[str, Any] | None = None,
+    policies: Sequence[str] = POLICIES,
     budgets: Sequence[float] = BUDGETS,
     tbw: float | None = None,
     **kwargs: Any,
 ) -> Simulation:
     """Plan ``model(*args, **kwargs)`` for ``hardware`` and predict each policy's step.
 
-    Policies: ``"none"``, ``"adaptive"``, ``"all"``, ``"recompute"`` (full recomputation:
-    PyTorch's min-cut partitioner at ``activation_memory_budget=0``, nothing
-    offloaded) and ``"memory_budget=b"`` (adaptive, for each ``b`` in ``budgets``).
-    ``options`` are the backend's (``min_bytes``, ``io_safety``...); the rates
-    come from ``hardware``, and ``compiler`` is ``aot_eager`` (nothing runs).
+    ``policies`` among ``"none"``, ``"adaptive"``, ``"all"`` and ``"recompute"`` (full
+    recomputation: PyTorch's min-cut partitioner at ``activation_memory_budget=0``,
+    nothing offloaded); then ``"memory_budget=b"`` (adaptive) for each ``b`` in
+    ``budgets``. ``options`` are the backend's (``min_bytes``, ``io_safety``...); the
+    rates come from ``hardware``, and ``compiler`` is ``aot_eager`` (nothing runs).
     """
     given = dict(options or {})
     for key in ("policy", "memory_budget", "compiler", "cost_model", *RATES):
         if key in given:
             raise ValueError(f"fxoffload.simulate sets {key!r} itself; give rates in hardware")
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ValueError(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
     base = Options.from_dict({**given, "compiler": "aot_eager", "cost_model": "flops"})
     costs = hardware.device_costs()
     graphs = _trace(model, args, kwargs)
-    policies = {
-        "none": (dataclasses.replace(base, policy="none"), None),
-        "adaptive": (dataclasses.replace(base, policy="adaptive"), None),
-        "all": (dataclasses.replace(base, policy="all"), None),
-        "recompute": (dataclasses.replace(base, policy="none"), 0.0),
+    plans = {
+        name: (
+            dataclasses.replace(base, policy="none" if name == "recompute" else name),
+            0.0 if name == "recompute" else None,
+        )
+        for name in policies
     }
     for b in budgets:
-        policies[f"memory_budget={b:g}"] = (
+        plans[f"memory_budget={b:g}"] = (
             dataclasses.replace(base, policy="adaptive", memory_budget=b),
             None,
         )
     predictions = {
         name: _predict(name, graphs, opts, costs, pytorch_budget)
-        for name, (opts, pytorch_budget) in policies.items()
+        for name, (opts, pytorch_budget) in plans.items()
     }
     return Simulation(hardware, costs, predictions, tbw)
 
