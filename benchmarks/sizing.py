@@ -4,7 +4,8 @@ For Llama-2's 7B, 13B and 70B shapes (sequence 4096, micro-batch 1, bfloat16,
 causal ``scaled_dot_product_attention``, grouped-query attention for 70B),
 ``fxoffload.simulate`` plans a training step on an H100 (datasheet rates,
 ``fxoffload/hardware.py``) with 1, 4 and 8 drives of ``--drive-gbps`` each and
-prints a markdown table: the fraction of the saved-activation bytes that
+prints a markdown table (``--flops-fraction`` scales the FLOP rates down to a
+training run's utilization): the fraction of the saved-activation bytes that
 adaptive offloading hides, its predicted step time against policy "none", what
 it writes per step, and how many days a drive rated ``--tbw`` terabytes written
 lasts at that rate.
@@ -16,7 +17,8 @@ honesty: keep-last and the time forward leaves for writing depend on depth, so
 a few layers cannot be scaled to many without changing the answer. Run from
 the repository root::
 
-    python benchmarks/sizing.py [--layers 0] [--drive-gbps 7] [--tbw 3500] [--models 7b,13b,70b]
+    python benchmarks/sizing.py [--layers 0] [--drive-gbps 7] [--tbw 3500] [--models 7b,13b,70b] \\
+        [--flops-fraction 1.0]
 
 ``benchmark_gpt`` is a factory for the simulator's own command, to predict
 ``train_step.py``'s GPT with a machine's measured rates::
@@ -35,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxoffload
-from fxoffload.hardware import preset
+from fxoffload.hardware import PRESETS, preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,8 +143,15 @@ def main() -> None:
     parser.add_argument("--tbw", type=float, default=3500.0, help="each drive's rating")
     parser.add_argument("--models", default=",".join(SHAPES))
     parser.add_argument("--drives", default=",".join(map(str, DRIVES)), help="drive counts")
+    parser.add_argument(
+        "--flops-fraction",
+        type=float,
+        default=1.0,
+        help="the FLOP rates as this fraction of the datasheet's (a model FLOP utilization)",
+    )
     args = parser.parse_args()
 
+    h100 = PRESETS["h100"]
     print(
         f"| model | layers | drives | saved activations GiB | hidden by adaptive | "
         f"step vs none | written GB/step | days to {args.tbw:g} TBW |"
@@ -155,7 +164,12 @@ def main() -> None:
             model = Llama(shape, layers).to(torch.bfloat16)
             idx = torch.randint(0, shape.vocab, (1, SEQ_LEN))
         for drives in map(int, args.drives.split(",")):
-            hardware = preset("h100", disk_write_bytes_per_s=(args.drive_gbps * 1e9,) * drives)
+            hardware = preset(
+                "h100",
+                flops_per_s=h100.flops_per_s * args.flops_fraction,
+                flops_per_s_32bit=h100.flops_per_s_32bit * args.flops_fraction,
+                disk_write_bytes_per_s=(args.drive_gbps * 1e9,) * drives,
+            )
             sim = fxoffload.simulate(
                 model, idx, idx, hardware=hardware, policies=("none", "adaptive"), budgets=()
             )
@@ -165,7 +179,7 @@ def main() -> None:
                 f"| {name} | {layers} | {drives} x {args.drive_gbps:g} GB/s "
                 f"| {none.activation_bytes / 2**30:.1f} | {adaptive.offloaded_fraction:.0%} "
                 f"| {adaptive.step_seconds / none.step_seconds:.3f} "
-                f"| {adaptive.bytes_written / 1e9:.1f} | {wear.days:.0f} |",
+                f"| {adaptive.bytes_written / 1e9:.2f} | {wear.days:.0f} |",
                 flush=True,
             )
 

@@ -258,3 +258,16 @@ def test_cli_help_lists_simulate() -> None:
     done = run_cli("simulate", "--help")
     assert done.returncode == 0
     assert "--disk GBPS[,GBPS...]" in done.stdout and "--tbw" in done.stdout
+
+
+def test_only_the_policies_asked_for_are_planned() -> None:
+    torch.manual_seed(0)
+    hardware = known_hardware(1e7, 1e7)
+    sim = fxoffload.simulate(
+        LayerStack(2), torch.randn(8, 256), hardware=hardware, policies=("none",), budgets=(0.5,)
+    )
+    assert list(sim.predictions) == ["none", "memory_budget=0.5"]
+    with pytest.raises(ValueError, match="unknown policies \\['checkpoint'\\]"):
+        fxoffload.simulate(
+            LayerStack(2), torch.randn(8, 256), hardware=hardware, policies=("checkpoint",)
+        )
