@@ -42,9 +42,10 @@ class PartitionResult:
     budget_note: str | None = None
     """Under ``memory_budget``: what it asked for and what the plan reached."""
     fw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The rewritten forward graph itself, which the simulator times; the inner
+    compiler may change it later (``aot_eager`` does not)."""
     bw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
-    """The rewritten graphs themselves, which the simulator times; the inner compiler
-    may change them later (``aot_eager`` does not)."""
+    """The rewritten backward graph, likewise."""
 
 
 class OffloadPartitioner(CustomPartitionerFn):
