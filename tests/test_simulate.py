@@ -271,3 +271,18 @@ def test_only_the_policies_asked_for_are_planned() -> None:
         fxoffload.simulate(
             LayerStack(2), torch.randn(8, 256), hardware=hardware, policies=("checkpoint",)
         )
+
+
+def test_no_engine_or_offload_directory_is_touched(tmp_path) -> None:
+    """The engine of a directory that does not exist would fail to start: none is started."""
+    torch.manual_seed(0)
+    absent = tmp_path / "absent"
+    sim = fxoffload.simulate(
+        LayerStack(6),
+        torch.randn(64, 256),
+        hardware=known_hardware(1e7, 1e7),
+        options={"min_bytes": 0, "offload_dir": str(absent)},
+        budgets=(),
+    )
+    assert sim.predictions["all"].bytes_written > 0
+    assert not absent.exists()  # an engine refuses a directory that does not exist
