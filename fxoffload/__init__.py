@@ -24,10 +24,12 @@ from fxoffload import config
 from fxoffload import ops as _ops  # noqa: F401  (registers the ssdtrain:: ops)
 from fxoffload.backend import ssdtrain
 from fxoffload.explain import Explanation, explain
+from fxoffload.hardware import Hardware
 from fxoffload.options import Options
 from fxoffload.runtime import registry as _registry
 from fxoffload.runtime import stats as _stats
 from fxoffload.runtime.stats import OffloadStats
+from fxoffload.simulate import Simulation, simulate
 
 try:
     __version__ = version("fxoffload")
@@ -36,11 +38,14 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "Explanation",
+    "Hardware",
     "OffloadStats",
     "Options",
+    "Simulation",
     "config",
     "explain",
     "reset_stats",
+    "simulate",
     "ssdtrain",
     "stats",
 ]

@@ -52,9 +52,15 @@ def compile_with_offloading(
     example_inputs: list[torch.Tensor],
     options: Options,
     on_partition: Callable[[PartitionResult], None] | None = None,
+    costs: DeviceCosts | None = None,
 ) -> Callable[..., Any]:
-    costs = None
-    if options.policy != "none":
+    """Compile with our partitioner; given ``costs``, plan with them and touch no engine.
+
+    Without ``costs`` an offloading policy measures the rates it was not given, on the
+    engine of ``offload_dir``. The simulator passes them, from a hardware record,
+    with ``aot_eager``, and never runs what is compiled.
+    """
+    if costs is None and options.policy != "none":
         engine = registry.engine_for(options.offload_dir, options.engine_config())
         # The first compile on a directory sets its engine up; plan with what it enforces.
         options = dataclasses.replace(options, **dataclasses.asdict(engine.config))

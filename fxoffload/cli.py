@@ -1,4 +1,5 @@
-"""``python -m fxoffload``: inspect a model's offload plan, or run the benchmarks."""
+"""``python -m fxoffload``: inspect a model's offload plan, simulate it on other hardware,
+or run the benchmarks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pathlib
 import runpy
 import sys
 from collections.abc import Sequence
+
+from fxoffload.hardware import PRESETS, Hardware, preset
+from fxoffload.simulate import BUDGETS
 
 BENCHMARKS = {
     "io": "io_bandwidth.py",
@@ -48,6 +52,58 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="a backend option, e.g. -o min_bytes=0 -o compiler=aot_eager (repeatable)",
     )
 
+    simulate = commands.add_parser(
+        "simulate",
+        help="predict the plan, memory, step time and drive wear on given hardware",
+        description=(
+            "Import MODULE, call FACTORY() to get (model, example_inputs), trace the model "
+            "with fake inputs (build it on the meta device to allocate nothing) and run "
+            "ssdtrain's planner with the given rates instead of measured ones. Prints, for "
+            "policies none, adaptive, all, full recomputation and each memory budget, the "
+            "saved-activation bytes in memory at the start of backward, the predicted step "
+            "time and stalls, the bytes written per step and, with --tbw, the drive wear; "
+            "then the adaptive plan. Rates not given come from --hardware."
+        ),
+    )
+    simulate.add_argument("target", metavar="MODULE:FACTORY", help="as for explain")
+    simulate.add_argument(
+        "--hardware", choices=sorted(PRESETS), help="datasheet rates to start from"
+    )
+    simulate.add_argument("--flops", type=float, metavar="TFLOPS", help="dense 16-bit TFLOP/s")
+    simulate.add_argument(
+        "--flops-fp32",
+        type=float,
+        metavar="TFLOPS",
+        help="float32 matmul TFLOP/s (default: --flops for every dtype, or the preset's)",
+    )
+    simulate.add_argument("--memory-bw", type=float, metavar="GBPS", help="memory GB/s")
+    simulate.add_argument(
+        "--disk",
+        type=_rates,
+        required=True,
+        metavar="GBPS[,GBPS...]",
+        help="write GB/s of each drive; planned with their sum",
+    )
+    simulate.add_argument(
+        "--disk-read", type=_rates, metavar="GBPS[,GBPS...]", help="read GB/s (default: --disk)"
+    )
+    simulate.add_argument(
+        "--pcie", type=float, metavar="GBPS", help="accelerator link GB/s, one direction"
+    )
+    simulate.add_argument(
+        "--tbw", type=float, metavar="N", help="drive endurance in terabytes written"
+    )
+    simulate.add_argument(
+        "--budgets",
+        type=_rates,
+        default=BUDGETS,
+        metavar="B[,B...]",
+        help=f"memory budgets to simulate (default: {','.join(map(str, BUDGETS))})",
+    )
+    simulate.add_argument(
+        "-o", "--option", action="append", default=[], metavar="KEY=VALUE", help="as for explain"
+    )
+
     bench = commands.add_parser(
         "bench",
         help="run a benchmark from a source checkout",
@@ -60,20 +116,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "explain":
         return _explain(args.target, args.option)
+    if args.command == "simulate":
+        return _simulate(args)
     return _bench(args.name, args.args)
 
 
-def _explain(target: str, option_args: list[str]) -> int:
-    import fxoffload
-
+def _load(target: str) -> tuple[object, tuple[object, ...]]:
+    """``FACTORY()``'s model and inputs, the inputs as a tuple."""
     module_name, sep, factory_name = target.partition(":")
     if not sep or not module_name or not factory_name:
         raise SystemExit(f"expected MODULE:FACTORY, got {target!r}")
     factory = getattr(importlib.import_module(module_name), factory_name)
     model, inputs = factory()
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _explain(target: str, option_args: list[str]) -> int:
+    import fxoffload
+
+    model, inputs = _load(target)
     print(fxoffload.explain(model, *inputs, options=_parse_options(option_args)))
     return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    import fxoffload
+
+    given = {
+        "flops_per_s": args.flops and args.flops * 1e12,
+        "flops_per_s_32bit": args.flops_fp32 and args.flops_fp32 * 1e12,
+        "memory_bytes_per_s": args.memory_bw and args.memory_bw * 1e9,
+        "disk_write_bytes_per_s": tuple(r * 1e9 for r in args.disk),
+        "disk_read_bytes_per_s": args.disk_read and tuple(r * 1e9 for r in args.disk_read),
+        "pcie_bytes_per_s": args.pcie and args.pcie * 1e9,
+    }
+    given = {key: value for key, value in given.items() if value is not None}
+    if args.hardware is not None:
+        hardware = preset(args.hardware, **given)
+    elif args.flops is None or args.memory_bw is None:
+        raise SystemExit("give --hardware, or both --flops and --memory-bw")
+    else:
+        hardware = Hardware("custom", **given)
+    model, inputs = _load(args.target)
+    print(
+        fxoffload.simulate(
+            model,
+            *inputs,
+            hardware=hardware,
+            options=_parse_options(args.option),
+            budgets=args.budgets,
+            tbw=args.tbw,
+        )
+    )
+    return 0
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    """``7,7,6.5`` as numbers, for argparse."""
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, got {text!r}"
+        ) from None
 
 
 def _parse_options(items: list[str]) -> dict[str, object]:

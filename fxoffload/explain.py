@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import CodeType
 from typing import Any
 
@@ -78,34 +78,15 @@ def explain(
 
     The forward really runs (and, with offloading on, really writes files,
     released when its outputs are dropped here). Compile caches are bypassed
-    so the partitioner runs and its decisions are seen.
-
-    Dynamo keeps compiled code per code object, and past its recompile limit
-    (``torch._dynamo.config.recompile_limit``) runs that code eagerly whatever
-    the backend. Each call here compiles with a backend of its own, so the
-    code it compiled is reset afterwards: explaining a model under many
-    option settings must not leave its training compile running eagerly.
-    Dynamo can only reset a code object as a whole, so another model of the
-    same class, compiled before, compiles again on its next call.
+    so the partitioner runs and its decisions are seen; the compiled code is
+    forgotten afterwards (see :func:`compile_once`).
 
     Raises ``RuntimeError`` when no graph that needs backward was compiled.
     """
     opts = Options.from_dict(options)
     found: list[PartitionResult] = []
     backend = functools.partial(compile_with_offloading, options=opts, on_partition=found.append)
-    compiled = torch.compile(model, backend=backend)
-    entries_before = _cache_entry_counts()
-    try:
-        with (
-            torch._functorch.config.patch(enable_autograd_cache=False),
-            torch._inductor.config.patch(fx_graph_cache=False),
-            torch.enable_grad(),
-        ):
-            compiled(*example_inputs)
-    finally:
-        for code, count in _cache_entry_counts().items():
-            if count > entries_before.get(code, 0):
-                reset_code(code)
+    compile_once(model, example_inputs, {}, backend)
     if not found:
         raise RuntimeError(
             "fxoffload.explain: no graph that needs backward was compiled, so nothing was "
@@ -124,3 +105,34 @@ def _cache_entry_counts() -> dict[CodeType, int]:
     """How many compiled entries Dynamo holds for each code object it has compiled."""
     codes = (ref() for ref in convert_frame.input_codes.seen)
     return {code: len(_debug_get_cache_entry_list(code)) for code in codes if code is not None}
+
+
+def compile_once(
+    model: torch.nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    backend: Callable[..., Any],
+) -> None:
+    """Compile ``model`` with ``backend`` and call it once on ``args``, compile caches bypassed.
+
+    Dynamo keeps compiled code per code object, and past its recompile limit
+    (``torch._dynamo.config.recompile_limit``) runs that code eagerly whatever
+    the backend. Each call here compiles with a backend of its own, so the
+    code it compiled is reset afterwards: explaining a model under many
+    option settings must not leave its training compile running eagerly.
+    Dynamo can only reset a code object as a whole, so another model of the
+    same class, compiled before, compiles again on its next call.
+    """
+    compiled = torch.compile(model, backend=backend)
+    entries_before = _cache_entry_counts()
+    try:
+        with (
+            torch._functorch.config.patch(enable_autograd_cache=False),
+            torch._inductor.config.patch(fx_graph_cache=False),
+            torch.enable_grad(),
+        ):
+            compiled(*args, **kwargs)
+    finally:
+        for code, count in _cache_entry_counts().items():
+            if count > entries_before.get(code, 0):
+                reset_code(code)

@@ -93,11 +93,14 @@ def plan_under_budget(
         fw_gm, bw_gm = partition(pytorch_budget)
         decisions = offload_saved_activations(fw_gm, bw_gm, **passes)
         plans[pytorch_budget] = Plan(pytorch_budget, fw_gm, bw_gm, decisions)
-        candidates.extend(_candidates(plans[pytorch_budget], costs, options))
+        candidates.extend(
+            Candidate(pytorch_budget, k, resident, step)
+            for k, (resident, step) in enumerate(_prefixes(fw_gm, bw_gm, decisions, costs, options))
+        )
         if pytorch_budget == PYTORCH_BUDGETS[0]:
             reference_step = candidates[-1].step_seconds  # all of its stores
     reference = plans[PYTORCH_BUDGETS[0]]
-    total = sum(d.nbytes for d in _saved_activations(reference.decisions))
+    total = sum(d.nbytes for d in saved_activations(reference.decisions))
     allowed = int(options.memory_budget * total)
     fitting = [c for c in candidates if c.resident_bytes <= allowed]
     chosen = (
@@ -127,36 +130,55 @@ def plan_under_budget(
     return plan, note
 
 
-def _candidates(plan: Plan, costs: DeviceCosts, options: Options) -> list[Candidate]:
-    """The plan with its first ``k`` stores, for every ``k``.
+def resident_bytes(
+    fw_gm: fx.GraphModule,
+    bw_gm: fx.GraphModule,
+    decisions: Sequence[SavedValue],
+    costs: DeviceCosts,
+    options: Options,
+) -> int:
+    """Saved-activation bytes a planned pair of graphs keeps in memory when backward starts,
+    the staging buffers' host memory included."""
+    return _prefixes(fw_gm, bw_gm, decisions, costs, options)[-1][0]
+
+
+def _prefixes(
+    fw_gm: fx.GraphModule,
+    bw_gm: fx.GraphModule,
+    decisions: Sequence[SavedValue],
+    costs: DeviceCosts,
+    options: Options,
+) -> list[tuple[int, float]]:
+    """(resident bytes, modelled step) of the plan with only its first ``k`` stores, for
+    every ``k`` from 0 to all of them.
 
     Each store frees the bytes of the saved values it holds, adds its staging
-    buffer to those the writes' timeline holds at once (the engine keeps up to
-    ``staging_pool_bytes`` of them for reuse), and costs its overhead.
+    buffer to those the writes' timeline holds at once (every write has ended
+    when backward starts, and the engine keeps up to ``staging_pool_bytes`` of
+    the buffers for reuse), and costs its overhead.
     """
-    saved = _saved_activations(plan.decisions)
+    saved = saved_activations(decisions)
     freed: dict[str, int] = {}
     for d in saved:
         if d.offload:
             holder = d.rebuilt_from or d.name
             freed[holder] = freed.get(holder, 0) + d.nbytes
-    stores = _stores(plan.fw_gm)
-    fw_starts = start_times(plan.fw_gm.graph, costs)
-    (fw_output,) = plan.fw_gm.graph.find_nodes(op="output")
-    (bw_output,) = plan.bw_gm.graph.find_nodes(op="output")
-    step = fw_starts[fw_output] + start_times(plan.bw_gm.graph, costs)[bw_output]
+    fw_starts = start_times(fw_gm.graph, costs)
+    (fw_output,) = fw_gm.graph.find_nodes(op="output")
+    (bw_output,) = bw_gm.graph.find_nodes(op="output")
+    step = fw_starts[fw_output] + start_times(bw_gm.graph, costs)[bw_output]
     kept = sum(d.nbytes for d in saved)
     writes = WriteQueue()
     staged = 0
-    candidates = [Candidate(plan.pytorch_budget, 0, kept, step)]
-    for k, store in enumerate(stores, 1):
+    prefixes = [(kept, step)]
+    for store in _stores(fw_gm):
         nbytes = tensor_nbytes(store.args[0].meta["val"])
         kept -= freed.get(store.args[0].name, 0)
         writes.add(fw_starts[store], options.io_safety * costs.write_time(nbytes), nbytes)
         staged = min(writes.peak_bytes, options.staging_pool_bytes)
         step += costs.offload_overhead(nbytes)
-        candidates.append(Candidate(plan.pytorch_budget, k, kept + staged, step))
-    return candidates
+        prefixes.append((kept + staged, step))
+    return prefixes
 
 
 def _stores(fw_gm: fx.GraphModule) -> list[fx.Node]:
@@ -164,7 +186,7 @@ def _stores(fw_gm: fx.GraphModule) -> list[fx.Node]:
     return fw_gm.graph.find_nodes(op="call_function", target=ops.store)
 
 
-def _saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
+def saved_activations(decisions: Sequence[SavedValue]) -> list[SavedValue]:
     """The decisions of saved activations (not the bases stored only for their views)."""
     return [d for d in decisions if d.kind is SavedKind.ACTIVATION and d.is_saved]
 
@@ -181,6 +203,6 @@ def _recomputed(reference: list[SavedValue], chosen: Plan) -> list[SavedValue]:
                 f"activation_memory_budget={chosen.pytorch_budget}"
             ),
         )
-        for d in _saved_activations(reference)
+        for d in saved_activations(reference)
         if d.name not in saved
     ]

@@ -41,6 +41,11 @@ class PartitionResult:
     backward_code: str
     budget_note: str | None = None
     """Under ``memory_budget``: what it asked for and what the plan reached."""
+    fw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The rewritten forward graph itself, which the simulator times; the inner
+    compiler may change it later (``aot_eager`` does not)."""
+    bw_gm: fx.GraphModule | None = dataclasses.field(default=None, repr=False, compare=False)
+    """The rewritten backward graph, likewise."""
 
 
 class OffloadPartitioner(CustomPartitionerFn):
@@ -90,7 +95,9 @@ class OffloadPartitioner(CustomPartitionerFn):
         else:
             fw_gm, bw_gm = partition(functorch_config.activation_memory_budget)
             decisions = offload_saved_activations(fw_gm, bw_gm, costs=self.costs, **passes)
-        result = PartitionResult(decisions, fw_gm.code.strip(), bw_gm.code.strip(), note)
+        result = PartitionResult(
+            decisions, fw_gm.code.strip(), bw_gm.code.strip(), note, fw_gm, bw_gm
+        )
         log_partition(result.decisions, result.forward_code, result.backward_code, note)
         if self.on_partition is not None:
             self.on_partition(result)
