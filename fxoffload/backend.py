@@ -7,7 +7,6 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch._dynamo.backends.debugging import boxed_nop
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner, PartitionResult
 from fxoffload.passes.costs import DeviceCosts
-from fxoffload.runtime import Engine, probe, registry
+from fxoffload.runtime import Engine, EngineConfig, probe, registry
 
 
 def ssdtrain(
@@ -55,9 +54,7 @@ def compile_with_offloading(
 ) -> Callable[..., Any]:
     costs = None
     if options.policy != "none":
-        engine = registry.engine_for(options.offload_dir, options.engine_config())
-        # The first compile on a directory sets its engine up; plan with what it enforces.
-        options = dataclasses.replace(options, **dataclasses.asdict(engine.config))
+        engine = registry.engine_for(options.offload_dir, EngineConfig(**options.io_settings))
         costs = device_costs(options, engine, _device_of(example_inputs))
     partitioner = OffloadPartitioner(options, costs, on_partition)
     if options.compiler == "inductor":

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from fxoffload import config
-from fxoffload.runtime.engine import EngineConfig
 
 Policy = Literal["adaptive", "all", "none"]
 Compiler = Literal["inductor", "aot_eager"]
@@ -35,6 +34,16 @@ RATES: tuple[str, ...] = (
     "memory_bytes_per_s",
 )
 """The cost model's device rates: None means measured."""
+IO_OPTIONS: tuple[str, ...] = (
+    "io_threads",
+    "chunk_bytes",
+    "max_inflight_bytes",
+    "io_mode",
+    "verify",
+    "on_io_error",
+    "staging_pool_bytes",
+)
+"""The options that say how an engine does I/O: with ``offload_dir``, an engine's identity."""
 
 
 def default_offload_dir() -> str:
@@ -53,9 +62,8 @@ class Options:
 
     One field per option; ``fxoffload.config`` documents each and holds its
     default, read when the Options is made (so ``config.patch`` applies).
-    The I/O settings (``io_threads`` to ``staging_pool_bytes``) apply when the first
-    compile creates the engine of an ``offload_dir``; later compiles with the
-    same directory share it.
+    ``offload_dir`` and the I/O options (``IO_OPTIONS``) name the engine that
+    runs a compiled graph: compiles that agree on all of them share one.
     """
 
     offload_dir: str = dataclasses.field(default_factory=default_offload_dir)
@@ -122,16 +130,10 @@ class Options:
                 f"fxoffload option 'verify' must be True or False; got {self.verify!r}"
             )
 
-    def engine_config(self) -> EngineConfig:
-        return EngineConfig(
-            io_threads=self.io_threads,
-            chunk_bytes=self.chunk_bytes,
-            max_inflight_bytes=self.max_inflight_bytes,
-            io_mode=self.io_mode,
-            verify=self.verify,
-            on_io_error=self.on_io_error,
-            staging_pool_bytes=self.staging_pool_bytes,
-        )
+    @property
+    def io_settings(self) -> dict[str, Any]:
+        """The I/O options (``IO_OPTIONS``) and their values."""
+        return {name: getattr(self, name) for name in IO_OPTIONS}
 
     @classmethod
     def from_dict(cls, options: Mapping[str, Any] | Options | None) -> Options:

@@ -23,7 +23,7 @@ from engine_helpers import slots_freed
 from test_training import SDPATransformerBlock
 
 import fxoffload
-from fxoffload.runtime import engines
+from fxoffload.runtime import Engine, close_all, engines
 
 
 class Blocks(torch.nn.Module):
@@ -212,7 +212,39 @@ def test_two_models_share_one_engine(tmp_path) -> None:
     one_model = stored_since(before)
     (a(batch()) + b(batch())).backward()
     assert stored_since(before) == 3 * one_model > 0
-    assert len([e for e in engines() if Path(e.root) == tmp_path]) == 1
+    assert len(engines_in(tmp_path)) == 1
+    assert_nothing_held(tmp_path)
+
+
+def engines_in(offload_dir: Path) -> list[Engine]:
+    return [e for e in engines() if Path(e.root) == offload_dir]
+
+
+def test_a_compiled_graph_finds_its_engine_after_close_all(tmp_path) -> None:
+    """The graph names its engine's settings: the one made after ``close_all`` has them."""
+    model = compiled(Blocks(), tmp_path, io_threads=1, verify=False, on_io_error="raise")
+    model(batch()).backward()
+    close_all()
+    model(batch()).backward()
+    (engine,) = engines_in(tmp_path)
+    assert (engine.config.io_threads, engine.config.verify, engine.config.on_io_error) == (
+        1,
+        False,
+        "raise",
+    )
+
+
+def test_other_io_settings_on_one_directory_get_an_engine_of_their_own(tmp_path) -> None:
+    a = compiled(Blocks(), tmp_path, io_threads=1)
+    b = compiled(Blocks(), tmp_path, io_threads=2, chunk_bytes=64 << 10)
+    before = fxoffload.stats()
+    (a(batch()) + b(batch())).backward()
+    found = sorted(engines_in(tmp_path), key=lambda e: e.config.io_threads)
+    assert [(e.config.io_threads, e.config.chunk_bytes) for e in found] == [
+        (1, 8 << 20),
+        (2, 64 << 10),
+    ]
+    assert all(e.file.size > 0 for e in found) and stored_since(before) > 0
     assert_nothing_held(tmp_path)
 
 

@@ -268,7 +268,7 @@ def backward_graph(
     model: torch.nn.Module, x: torch.Tensor, opts: Options
 ) -> tuple[fx.GraphModule, DeviceCosts]:
     """Compile ``model`` with our partitioner and return the backward graph it made."""
-    engine = engine_for(opts.offload_dir, opts.engine_config())
+    engine = engine_for(opts.offload_dir, EngineConfig(**opts.io_settings))
     costs = device_costs(opts, engine, x.device)
     graphs: list[fx.GraphModule] = []
 

@@ -1,4 +1,10 @@
-"""One engine per offload directory in this process, closed at exit."""
+"""The engines of this process, one per offload directory and I/O settings, closed at exit.
+
+An engine is what its directory and settings make it, so it is keyed by
+both: a compiled graph names them (``fxoffload.ops.engine_key``) and finds
+the same engine, or after :func:`close_all` a new one just like it; two
+compiles with other settings on one directory get engines of their own.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +19,13 @@ from fxoffload.runtime.engine import Engine, EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, EngineConfig], Engine] = {}
 
 
 def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
-    """The engine for ``root``, created (and its directory checked) on first use.
-
-    ``config`` applies when the engine is created; later callers share it.
-    """
-    key = os.path.realpath(root)
+    """The engine for ``root`` with ``config``, created (and its directory checked) on first use."""
+    config = config or EngineConfig()
+    key = (os.path.realpath(root), config)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
