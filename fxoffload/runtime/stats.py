@@ -9,10 +9,12 @@ from fxoffload.runtime.locks import RuntimeLock
 
 @dataclasses.dataclass(frozen=True)
 class OffloadStats:
-    """A snapshot of what the engines of this process did and hold.
+    """A snapshot of what the engines of this process did and hold (``fxoffload.stats()``).
 
-    Counters grow until ``fxoffload.reset_stats()``. The last five fields are
-    gauges of what is held right now and are never reset.
+    A frozen dataclass: read fields as attributes (``stats().bytes_written``)
+    or all of them as a dict (:meth:`as_dict`). Counters grow until
+    ``fxoffload.reset_stats()``. The last five fields are gauges of what is
+    held right now and are never reset.
     """
 
     tensors_stored: int = 0
@@ -47,6 +49,10 @@ class OffloadStats:
     take their buffers from."""
     io_mode: str = ""
     """``"direct"`` (O_DIRECT), ``"buffered"``, or both, over the engines in use."""
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The fields by name, as ``stats().as_dict()["handles_live"]``."""
+        return dataclasses.asdict(self)
 
 
 COUNTERS = (
