@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.common import aot_autograd
-from torch._dynamo.backends.debugging import boxed_nop
 
+from fxoffload._compat import aot_autograd, boxed_nop
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner, PartitionResult
 from fxoffload.passes.costs import DeviceCosts
@@ -58,9 +57,8 @@ def compile_with_offloading(
         costs = device_costs(options, engine, _device_of(example_inputs))
     partitioner = OffloadPartitioner(options, costs, on_partition)
     if options.compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
         from fxoffload import lowering  # noqa: F401  (registers the lowerings of store and wait)
+        from fxoffload._compat import compile_fx
 
         return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(partitioner))
     return aot_autograd(

@@ -18,7 +18,7 @@ Environment: ``FXOFFLOAD_DIR`` sets the offload directory when
 
 import sys
 
-from torch.utils._config_module import install_config_module
+from fxoffload._compat import install_config_module
 
 # Where offload files go: the engine makes a private 0700 directory inside.
 # None: $FXOFFLOAD_DIR if set, else the system temporary directory.

@@ -9,10 +9,14 @@ from types import CodeType
 from typing import Any
 
 import torch
-from torch._C._dynamo.eval_frame import reset_code
-from torch._dynamo import convert_frame
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+from fxoffload._compat import (
+    cache_entries,
+    dynamo_input_codes,
+    functorch_config,
+    inductor_config,
+    reset_code,
+)
 from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
 from fxoffload.partitioner import PartitionResult
@@ -97,8 +101,8 @@ def explain(
     entries_before = _cache_entry_counts()
     try:
         with (
-            torch._functorch.config.patch(enable_autograd_cache=False),
-            torch._inductor.config.patch(fx_graph_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+            inductor_config.patch(fx_graph_cache=False),
             torch.enable_grad(),
         ):
             compiled(*example_inputs)
@@ -122,5 +126,5 @@ def explain(
 
 def _cache_entry_counts() -> dict[CodeType, int]:
     """How many compiled entries Dynamo holds for each code object it has compiled."""
-    codes = (ref() for ref in convert_frame.input_codes.seen)
-    return {code: len(_debug_get_cache_entry_list(code)) for code in codes if code is not None}
+    codes = (ref() for ref in dynamo_input_codes.seen)
+    return {code: len(cache_entries(code)) for code in codes if code is not None}

@@ -23,11 +23,9 @@ aligned.
 
 from __future__ import annotations
 
-from torch._inductor import ir
-from torch._inductor import lowering as inductor_lowering
-from torch._inductor.virtualized import V
-
 from fxoffload import ops
+from fxoffload._compat import V, inductor_lowering
+from fxoffload._compat import inductor_ir as ir
 
 _store_fallback = inductor_lowering.fallback_handler(ops.store, add_to_fallback_set=False)
 _wait_fallback = inductor_lowering.fallback_handler(ops.wait, add_to_fallback_set=False)

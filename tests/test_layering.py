@@ -32,3 +32,11 @@ def test_one_side_imports_without_the_other(blocked: str, imported: str) -> None
     loaded = done.stdout.split()
     assert imported in loaded and "fxoffload.ops" in loaded
     assert not [m for m in loaded if m == blocked or m.startswith(blocked + ".")]
+
+
+def test_every_private_torch_api_resolves() -> None:
+    """This torch has each of them; a newer one that moved one fails here, by name."""
+    from fxoffload import _compat
+
+    for name in _compat.PRIVATE_APIS:
+        assert getattr(_compat, name) is not None, name
