@@ -143,7 +143,11 @@ class OffloadFile:
             return self._allocator.in_use
 
     def allocate(self, nbytes: int) -> Slot:
-        """Reserve an aligned slot; grows (and fallocates) the file when needed."""
+        """Reserve an aligned slot; grows (and fallocates) the file when needed.
+
+        A growth the disk refuses is undone, so the slots the file already has
+        stay usable without asking the disk for that growth again.
+        """
         with self._lock:
             slot = self._allocator.allocate(nbytes)
             if self._allocator.capacity > self._size:
@@ -151,6 +155,7 @@ class OffloadFile:
                     os.posix_fallocate(self._fd, self._size, self._allocator.capacity - self._size)
                 except OSError:
                     self._allocator.free(slot)
+                    self._allocator.shrink(self._size)
                     raise
                 self._size = self._allocator.capacity
             return slot
