@@ -520,3 +520,35 @@ def test_an_entry_goes_with_its_handle_not_at_the_next_collection(make_engine) -
         assert entry() is None, "an entry outlived its handle"
     finally:
         gc.enable()
+
+
+def blocked_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is, right now, inside a call of ``function``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_read_takes_its_buffer_without_holding_the_engine_lock(make_engine) -> None:
+    """Allocating a read's buffer (page faults, mmap) must not stall store and the I/O threads."""
+    engine = make_engine()
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    written(engine)
+    with engine._staging._lock:  # the read's buffer allocation waits for it
+        prefetcher = threading.Thread(target=engine.prefetch, args=(handle,), daemon=True)
+        prefetcher.start()
+        deadline = time.monotonic() + 10
+        while not blocked_in(prefetcher, "take") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert blocked_in(prefetcher, "take")
+        other = threading.Thread(target=engine.live_entries, daemon=True)
+        other.start()
+        other.join(timeout=5)
+        stalled = other.is_alive()
+    prefetcher.join(timeout=10)
+    assert not stalled, "the engine lock was held while a read took its buffer"
+    assert torch.equal(engine.wait(handle), t)

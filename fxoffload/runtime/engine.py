@@ -117,6 +117,11 @@ class _Transfer:
             finally:
                 self._done.set()
 
+    def settle(self, n_chunks: int, error: BaseException) -> None:
+        """Count ``n_chunks`` chunks that will never be queued as done, with ``error``."""
+        for _ in range(n_chunks):
+            self.chunk_done(error)
+
     def cancel(self) -> None:
         """Cancel the chunks not started yet (each counts as done)."""
         for f in self.futures:
@@ -240,11 +245,14 @@ class Engine:
     def prefetch(self, handle: torch.Tensor) -> None:
         """Start reading the tensor back, unless it is still in memory or already read."""
         entry = self._entry(handle)
+        read = None
         with self._lock:
             # Before the write settles the bytes are in memory (and a read
             # could overtake the write of its own slot).
             if entry.written and entry.write_error is None and entry.read is None:
-                self._start_read(entry)
+                read = self._claim_read(entry)
+        if read is not None:
+            self._start_read(entry, *read)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         """Return the stored tensor, on its original device and with its layout.
@@ -312,12 +320,15 @@ class Engine:
     def _wait_written(self, entry: _Entry) -> torch.Tensor:
         """The tensor of an entry whose staging copy someone else has, or that was dropped."""
         entry.write.wait()  # a read must never overtake the write of its slot
+        started = None
         with self._lock:
             kept = entry.staging if entry.write_error is not None else None
             if kept is None and entry.read is None:
-                self._start_read(entry)
+                started = self._claim_read(entry)
             read = entry.read
             entry.read = None
+        if started is not None:
+            self._start_read(entry, *started)
         if kept is not None and self.config.on_io_error == "raise":
             assert entry.write_error is not None
             raise self._io_error("could not write", entry, entry.write_error)
@@ -429,15 +440,25 @@ class Engine:
     ) -> _Transfer:
         """Queue ``job(transfer, entry, i, view, file_offset, *extra)`` per chunk of the slot."""
         assert entry.slot is not None
-        data = as_memoryview(buffer)[: entry.slot.length]
-        chunks = self._chunks(len(data))
-        transfer = _Transfer(len(chunks), on_done, buffer, drop_buffer=drop_buffer)
-        for i, (start, length) in enumerate(chunks):
-            view = data[start : start + length]
-            transfer.futures.append(
-                self._pool.submit(job, transfer, entry, i, view, entry.slot.offset + start, *extra)
-            )
+        transfer = _Transfer(
+            len(self._chunks(entry.slot.length)), on_done, buffer, drop_buffer=drop_buffer
+        )
+        self._submit(transfer, entry, entry.slot, job, *extra)
         return transfer
+
+    def _submit(self, transfer: _Transfer, entry: _Entry, slot: Slot, job, *extra) -> None:
+        """Queue the chunks of ``transfer``; those that cannot be queued settle with the error."""
+        assert transfer.buffer is not None
+        data = as_memoryview(transfer.buffer)[: slot.length]
+        chunks = self._chunks(len(data))
+        for i, (start, length) in enumerate(chunks):
+            args = (transfer, entry, i, data[start : start + length], slot.offset + start, *extra)
+            try:
+                future = self._pool.submit(job, *args)
+            except BaseException as err:
+                transfer.settle(len(chunks) - i, err)
+                raise
+            transfer.futures.append(future)
 
     def _write_chunk(
         self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int, copied
@@ -516,13 +537,24 @@ class Engine:
                     stacklevel=1,
                 )
 
-    def _start_read(self, entry: _Entry) -> None:
-        """Queue the chunk reads of ``entry`` (called with the lock held)."""
-        if entry.device.type == "cuda":
-            buffer = self._staging.take(entry.nbytes, pin_memory=True)
-        else:
-            buffer = self._staging.take_returning(entry.nbytes)
-        entry.read = self._submit_chunks(entry, buffer, self._read_chunk, lambda err: None)
+    def _claim_read(self, entry: _Entry) -> tuple[_Transfer, Slot]:
+        """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held)."""
+        assert entry.slot is not None
+        entry.read = _Transfer(len(self._chunks(entry.slot.length)), lambda err: None)
+        return entry.read, entry.slot
+
+    def _start_read(self, entry: _Entry, read: _Transfer, slot: Slot) -> None:
+        """Take a claimed read's buffer and queue its chunks, without the engine lock:
+        allocating faults pages in, which must not stall ``store`` and the I/O threads."""
+        try:
+            if entry.device.type == "cuda":
+                read.buffer = self._staging.take(entry.nbytes, pin_memory=True)
+            else:
+                read.buffer = self._staging.take_returning(entry.nbytes)
+        except BaseException as err:
+            read.settle(len(self._chunks(slot.length)), err)
+            raise
+        self._submit(read, entry, slot, self._read_chunk)
 
     def _read_chunk(
         self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int
