@@ -552,3 +552,14 @@ def test_a_read_takes_its_buffer_without_holding_the_engine_lock(make_engine) ->
     prefetcher.join(timeout=10)
     assert not stalled, "the engine lock was held while a read took its buffer"
     assert torch.equal(engine.wait(handle), t)
+
+
+def test_prefetch_and_wait_after_close_say_the_engine_is_closed(make_engine) -> None:
+    engine = make_engine()
+    handle = engine.store(torch.randn(1024))
+    written(engine)
+    engine.close()
+    for operation in (engine.store, engine.prefetch, engine.wait):
+        argument = torch.randn(8) if operation == engine.store else handle
+        with pytest.raises(RuntimeError, match=r"fxoffload engine for '.*' is closed"):
+            operation(argument)

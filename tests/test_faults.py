@@ -528,3 +528,13 @@ def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler, model, size)
     assert stored_since(before) > 0
     assert_equal(*results)
     assert_nothing_held(tmp_path)
+
+
+def test_backward_after_its_engine_closed_says_so(tmp_path) -> None:
+    """The compiled backward's prefetch gives the error a store would."""
+    model = compiled(Blocks(), tmp_path)
+    loss = model(batch())
+    for engine in engines_in(tmp_path):
+        engine.close()
+    with pytest.raises(RuntimeError, match=r"fxoffload engine for '.*' is closed"):
+        loss.backward()

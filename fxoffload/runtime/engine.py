@@ -193,6 +193,8 @@ class Engine:
         self._entries: dict[int, _Entry] = {}
         self._warned = False
         self._closed = False
+        self._live_at_close: frozenset[int] = frozenset()
+        """Entries whose handles outlived the engine: found, to be told it is closed."""
 
     # -- the three operations -------------------------------------------------
 
@@ -209,7 +211,7 @@ class Engine:
         passes to find, in the graph.
         """
         if self._closed:
-            raise RuntimeError(f"fxoffload engine for {self.root!r} is closed")
+            raise self._closed_error()
         order = tuple(dim_order) if dim_order is not None else tuple(t.dim_order())
 
         nbytes = t.numel() * t.element_size()
@@ -362,7 +364,7 @@ class Engine:
 
     def owns(self, entry_id: int) -> bool:
         with self._lock:
-            return entry_id in self._entries
+            return entry_id in self._entries or entry_id in self._live_at_close
 
     def close(self) -> None:
         """Finish pending I/O and remove the private directory (idempotent).
@@ -375,6 +377,7 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+            self._live_at_close = frozenset(self._entries)
             self._entries.clear()
         self._pool.shutdown(wait=True)
         self._staging.clear()
@@ -388,6 +391,8 @@ class Engine:
     def _entry(self, handle: torch.Tensor) -> _Entry:
         entry_id = handle_id(handle)
         with self._lock:
+            if self._closed:
+                raise self._closed_error()
             entry = self._entries.get(entry_id)
         if entry is None:
             raise RuntimeError(
@@ -457,6 +462,8 @@ class Engine:
                 future = self._pool.submit(job, *args)
             except BaseException as err:
                 transfer.settle(len(chunks) - i, err)
+                if self._closed:  # closed since the entry was found: the pool is shut down
+                    raise self._closed_error() from err
                 raise
             transfer.futures.append(future)
 
@@ -489,6 +496,9 @@ class Engine:
             if entry is None or not entry.written:
                 self._inflight -= nbytes
                 self._inflight_changed.notify_all()
+
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"fxoffload engine for {self.root!r} is closed")
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
         free = shutil.disk_usage(self.directory).free
