@@ -563,3 +563,22 @@ def test_prefetch_and_wait_after_close_say_the_engine_is_closed(make_engine) -> 
         argument = torch.randn(8) if operation == engine.store else handle
         with pytest.raises(RuntimeError, match=r"fxoffload engine for '.*' is closed"):
             operation(argument)
+
+
+def test_a_staging_pool_that_raises_leaks_no_reservation(make_engine, monkeypatch) -> None:
+    """Whatever giving the buffer back raises, the write's bytes stop counting as in flight.
+
+    The fault is injected at the pool's boundary: no real ``give`` raises on demand.
+    """
+    engine = make_engine(max_inflight_bytes=4096)
+
+    def give(buffer: torch.Tensor, *, pin_memory: bool) -> None:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(engine._staging, "give", give)
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    engine._entry(handle).write.wait()
+    written(engine)  # a reservation kept would have every later store wait forever
+    again = engine.store(t)
+    assert torch.equal(engine.wait(again), t)

@@ -528,14 +528,16 @@ class Engine:
                     # still be queued: the caching host allocator, which tracks that
                     # copy, gets it back instead of a read that the copy would overwrite.
                     staging = None
-        if staging is not None:
-            self._staging.give(staging, pin_memory=entry.device.type == "cuda")
-            del staging  # freed now unless the pool kept it: before the bytes count as written
-        with self._lock:
-            self._inflight -= entry.nbytes
-            self._inflight_changed.notify_all()
-        if released:
-            self._free_slot(entry)
+        try:
+            if staging is not None:
+                self._staging.give(staging, pin_memory=entry.device.type == "cuda")
+                del staging  # freed now unless the pool kept it: before the bytes count as written
+        finally:  # whatever the pool raises, later stores must not wait for these bytes
+            with self._lock:
+                self._inflight -= entry.nbytes
+                self._inflight_changed.notify_all()
+            if released:
+                self._free_slot(entry)
         if error is not None:
             stats.add("io_errors")
             if warn:  # last: under -W error it raises, and nothing may be left undone
