@@ -20,10 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import slots_freed
+from subprocess_scripts import TINY_TRAINING_STEP, run_python
 from test_training import SDPATransformerBlock
 
 import fxoffload
 from fxoffload.runtime import Engine, close_all, engines
+from fxoffload.runtime.private_dir import make_private_dir
 
 
 class Blocks(torch.nn.Module):
@@ -422,21 +424,28 @@ def test_two_processes_share_an_offload_dir(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["fxoffload-costs.json"]
 
 
+KILLED_AFTER_A_STEP = (
+    TINY_TRAINING_STEP
+    + """
+import os, signal
+from fxoffload.runtime import engines
+print(engines()[0].directory, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+)
+
+
 def test_stale_directories_of_dead_processes_are_removed(tmp_path) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        text=True,
-        capture_output=True,
-        check=True,
-    )
-    stale = tmp_path / f"fxoffload-{dead.stdout.strip()}-abc123"
-    live = tmp_path / f"fxoffload-{os.getppid()}-def456"
-    for d in (stale, live):
-        d.mkdir()
-        (d / "offload.bin").write_bytes(b"x")
-    compiled(Blocks(), tmp_path)(batch()).backward()
-    assert not stale.exists()
-    assert live.exists()
+    live = make_private_dir(str(tmp_path))
+    killed = run_python(KILLED_AFTER_A_STEP, str(tmp_path))
+    stale = Path(killed.stdout.strip())
+    try:
+        assert stale.exists()
+        compiled(Blocks(), tmp_path)(batch()).backward()
+        assert not stale.exists()
+        assert Path(live.path).exists()
+    finally:
+        live.remove()
 
 
 # -- a long run -----------------------------------------------------------------------

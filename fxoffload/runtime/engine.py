@@ -176,12 +176,13 @@ class Engine:
     def __init__(self, root: str, config: EngineConfig | None = None) -> None:
         self.root = root
         self.config = config or EngineConfig()
-        self.directory = private_dir.make_private_dir(root)
+        self._private_dir = private_dir.make_private_dir(root)
+        self.directory = self._private_dir.path
         direct = {"auto": None, "direct": True, "buffered": False}[self.config.io_mode]
         try:
             self.file = OffloadFile(self.directory, direct=direct)
         except OSError as e:
-            private_dir.remove_private_dir(self.directory)
+            self._private_dir.remove()
             raise ValueError(
                 f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
             ) from e
@@ -382,7 +383,7 @@ class Engine:
         self._pool.shutdown(wait=True)
         self._staging.clear()
         self.file.close()
-        private_dir.remove_private_dir(self.directory)
+        self._private_dir.remove()
 
     @staticmethod
     def _layout(entry: _Entry) -> tuple:
