@@ -36,8 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "target",
         metavar="MODULE:FACTORY",
-        help="e.g. mypkg.models:make_gpt; FACTORY returns (model, inputs), inputs "
-        "a tensor or a tuple of tensors",
+        help="e.g. examples.train_tiny_gpt:make_gpt (from the repository root); FACTORY "
+        "returns (model, inputs), inputs a tensor, a tuple of them, or a dict of keyword "
+        "inputs",
     )
     explain.add_argument(
         "-o",
@@ -59,8 +60,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     if args.command == "explain":
-        return _explain(args.target, args.option)
+        try:
+            return _explain(args.target, args.option)
+        except UsageError as e:  # as argparse reports a bad argument: one line, status 2
+            print(f"{explain.prog}: error: {e}", file=sys.stderr)
+            return 2
     return _bench(args.name, args.args)
+
+
+class UsageError(Exception):
+    """A mistake in the command line: an option, a value, a factory that is not there."""
 
 
 def _explain(target: str, option_args: list[str]) -> int:
@@ -68,11 +77,24 @@ def _explain(target: str, option_args: list[str]) -> int:
 
     module_name, sep, factory_name = target.partition(":")
     if not sep or not module_name or not factory_name:
-        raise SystemExit(f"expected MODULE:FACTORY, got {target!r}")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+        raise UsageError(f"expected MODULE:FACTORY, got {target!r}")
+    try:
+        options = fxoffload.Options.from_dict(_parse_options(option_args))
+    except ValueError as e:
+        raise UsageError(e) from e
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {module_name!r}: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"module {module_name!r} has no factory {factory_name!r}")
     model, inputs = factory()
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    print(fxoffload.explain(model, *inputs, options=_parse_options(option_args)))
+    if isinstance(inputs, dict):
+        print(fxoffload.explain(model, options=options, **inputs))
+    else:
+        inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+        print(fxoffload.explain(model, *inputs, options=options))
     return 0
 
 
@@ -81,7 +103,7 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"expected KEY=VALUE, got {item!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -77,8 +77,10 @@ def explain(
     model: torch.nn.Module,
     *example_inputs: Any,
     options: Mapping[str, Any] | Options | None = None,
+    **example_kwargs: Any,
 ) -> Explanation:
-    """Compile ``model`` with the ``ssdtrain`` backend, run one forward, and report.
+    """Compile ``model`` with the ``ssdtrain`` backend, run ``model(*example_inputs,
+    **example_kwargs)`` once, and report (``options`` is the backend's, not the model's).
 
     The forward really runs (and, with offloading on, really writes files,
     released when its outputs are dropped here). Compile caches are bypassed
@@ -105,7 +107,7 @@ def explain(
             inductor_config.patch(fx_graph_cache=False),
             torch.enable_grad(),
         ):
-            compiled(*example_inputs)
+            compiled(*example_inputs, **example_kwargs)
     finally:
         for code, count in _cache_entry_counts().items():
             if count > entries_before.get(code, 0):

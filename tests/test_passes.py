@@ -668,3 +668,25 @@ def test_an_empty_saved_value_is_kept(tmp_path) -> None:
         assert offloaded == none
     else:
         assert all(torch.equal(a, b) for a, b in zip(none, offloaded, strict=True))
+
+
+class ScaledByKeyword(torch.nn.Module):
+    """A forward with a keyword-only input, as Hugging Face models take ``labels=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(self.linear(x)) * scale).sum()
+
+
+def test_explain_takes_keyword_inputs(tmp_path) -> None:
+    options = {"compiler": "aot_eager", "policy": "all", "min_bytes": 0}
+    e = fxoffload.explain(
+        ScaledByKeyword(),
+        torch.randn(8, 32),
+        scale=torch.tensor(2.0),
+        options={**options, "offload_dir": str(tmp_path)},
+    )
+    assert "relu" in [d.name for d in e.decisions if d.offload]
