@@ -73,6 +73,7 @@ PRIVATE_APIS: dict[str, PrivateAPI] = {
         )
     ),
     # Configuration and logging.
+    "Config": _at("torch.utils._config_module", "Config"),
     "install_config_module": _at("torch.utils._config_module", "install_config_module"),
     "trace_structured": _at("torch._logging", "trace_structured"),
 }

@@ -39,7 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from fxoffload import config
+from fxoffload.options import IO_OPTIONS, check_fields, config_fields
 from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.handles import handle_id, make_handle
@@ -51,21 +51,17 @@ from fxoffload.runtime.staging import StagingPool
 _entry_ids = itertools.count(1)
 
 
-def _default(name: str):
-    return dataclasses.field(default_factory=lambda: getattr(config, name))
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """How an engine does I/O; defaults and meanings in ``fxoffload.config``."""
-
-    io_threads: int = _default("io_threads")
-    chunk_bytes: int = _default("chunk_bytes")
-    max_inflight_bytes: int = _default("max_inflight_bytes")
-    io_mode: str = _default("io_mode")
-    verify: bool = _default("verify")
-    on_io_error: str = _default("on_io_error")
-    staging_pool_bytes: int = _default("staging_pool_bytes")
+EngineConfig = dataclasses.make_dataclass(
+    "EngineConfig",
+    config_fields(IO_OPTIONS),
+    frozen=True,
+    namespace={
+        "__doc__": "How an engine does I/O: the I/O options of ``fxoffload.config``, which "
+        "documents each and holds its default, checked as ``Options`` checks them.",
+        "__post_init__": check_fields,
+        "__module__": __name__,
+    },
+)
 
 
 class _Transfer:
