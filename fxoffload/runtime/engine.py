@@ -293,23 +293,13 @@ class Engine:
         return out
 
     def _forward_to_device(self, entry: _Entry, staging: torch.Tensor) -> torch.Tensor:
-        """A device copy of the pinned staging bytes, without waiting for their write.
+        """A device copy of the pinned staging bytes, queued after the store's copy into them.
 
-        Also the way back for a tensor whose write failed (``on_io_error="keep"``):
-        the copy into its buffer may still be queued when the write fails
-        before any chunk waited for it (no room for a slot), so only a wait on
-        ``copied`` makes its bytes safe to read.
-
-        On the CPU the staging buffer itself becomes the restored tensor, which
-        backward may overwrite, so forwarding there waits until it is on disk.
-        A device copy leaves the buffer untouched: the write goes on from it
-        meanwhile. On a GPU that matters: the host runs ahead of the device, so
-        backward's ``wait`` is often called before a write that only started
-        once the device reached the store's copy. (On the H200 benchmark,
-        before this path, backward blocked 22-25 ms per step, about the time
-        its 40 MiB of writes took.) The copy is queued on the current stream
-        after the store's copy into the buffer (``copied``); a buffer used so is
-        left to the caching host allocator, which tracks that copy, not pooled.
+        It leaves the buffer untouched, so it need not wait for the write (the
+        host runs ahead of the device: backward often waits before the write
+        could start); the buffer then goes to the caching host allocator,
+        which tracks the copy, not to the pool. Also the way back after a
+        failed write under ``on_io_error="keep"``.
         """
         assert entry.copied is not None
         torch.cuda.current_stream(entry.device).wait_event(entry.copied)

@@ -45,15 +45,14 @@ def aligned_buffer(
 
     Unpinned buffers of ``HUGE_PAGE`` bytes and more ask for transparent huge
     pages (``MADV_HUGEPAGE``; many distributions give them only to memory
-    that asks). A fresh page costs a fault and a zeroing, and one 2 MiB
-    fault replaces 512 of 4 KiB: fresh memory faulted in at 11 GB/s instead
-    of 2.5-3.1 on the development machine. Where the kernel has none to
-    give, it falls back to small pages.
+    that asks): a fresh page costs a fault and a zeroing, and one 2 MiB fault
+    replaces 512 of 4 KiB. Where the kernel has none to give, it falls back
+    to small pages.
 
     ``populate`` faults every page in at once, for a buffer the calling
-    thread fills next: faulting pages in one by one during that copy made it
-    a third slower. A buffer the I/O threads read into is better left to fault
-    in there, in parallel.
+    thread fills next, which is faster than faulting them in one by one
+    during that copy. A buffer the I/O threads read into is better left to
+    fault in there, in parallel.
     """
     padded = -(-max(nbytes, 1) // ALIGNMENT) * ALIGNMENT
     if not pin_memory:
