@@ -28,25 +28,24 @@ is its slot freed, so a retained graph can be waited on any number of times.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import itertools
 import shutil
 import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from fxoffload.options import IO_OPTIONS, check_fields, config_fields
 from fxoffload.runtime import private_dir, stats
-from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.locks import RuntimeLock
-from fxoffload.runtime.offload_file import OffloadFile, as_memoryview
+from fxoffload.runtime.offload_file import OffloadFile
 from fxoffload.runtime.slots import Slot
 from fxoffload.runtime.staging import StagingPool
+from fxoffload.runtime.transfers import ChunkedFile, Transfer
 
 _entry_ids = itertools.count(1)
 
@@ -62,76 +61,6 @@ EngineConfig = dataclasses.make_dataclass(
         "__module__": __name__,
     },
 )
-
-
-class _Transfer:
-    """The chunk jobs of one write or read; ``on_done`` runs once, after the last.
-
-    It holds ``buffer``, the memory its chunks read from or write into: their
-    views are raw addresses that keep nothing alive, and every queued or
-    running chunk holds the transfer, so the buffer outlives the last chunk
-    even when its entry is released mid-transfer. A write lets go of it after
-    the last chunk (``drop_buffer``): the entry keeps its transfer until the
-    handle dies, and holding the staging copy that long would undo the very
-    memory saving offloading is for. A read keeps it: it is what ``wait``
-    returns.
-    """
-
-    def __init__(
-        self,
-        n_chunks: int,
-        on_done: Callable[[BaseException | None], None],
-        buffer: torch.Tensor | None = None,
-        *,
-        drop_buffer: bool = False,
-    ) -> None:
-        self.buffer = buffer
-        self._drop_buffer = drop_buffer
-        self._remaining = n_chunks
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._on_done = on_done
-        self.futures: list[Future[None]] = []
-
-    def chunk_done(self, error: BaseException | None = None) -> None:
-        with self._lock:
-            self._remaining -= 1
-            if error is not None and self._error is None:
-                # Kept without its traceback: the frames it holds reach back into
-                # the compiled graph's locals, whose handles would never be freed.
-                self._error = error.with_traceback(None)
-            last = self._remaining == 0
-        if last:
-            if self._drop_buffer:
-                self.buffer = None
-            # Dropped once called: it refers to the entry that holds this transfer,
-            # and without that cycle an entry dies with its handle, not at a collection.
-            on_done, self._on_done = self._on_done, None
-            try:
-                on_done(self._error)
-            finally:
-                self._done.set()
-
-    def settle(self, n_chunks: int, error: BaseException) -> None:
-        """Count ``n_chunks`` chunks that will never be queued as done, with ``error``."""
-        for _ in range(n_chunks):
-            self.chunk_done(error)
-
-    def cancel(self) -> None:
-        """Cancel the chunks not started yet (each counts as done)."""
-        for f in self.futures:
-            if f.cancel():
-                self.chunk_done()
-
-    def wait(self) -> BaseException | None:
-        """Block until the last chunk settled; time spent blocked counts as a stall in stats."""
-        if not self._done.is_set():
-            started = time.perf_counter_ns()
-            self._done.wait()
-            stats.add("wait_stalls")
-            stats.add("wait_stall_ns", time.perf_counter_ns() - started)
-        return self._error
 
 
 @dataclasses.dataclass(eq=False)
@@ -151,11 +80,11 @@ class _Entry:
     """CUDA: recorded on the caller's stream after the copy into ``staging``."""
     staging_shared: bool = False
     """CUDA: a device copy was made from ``staging`` before its write ended; never pool it."""
-    write: _Transfer | None = None
+    write: Transfer | None = None
     written: bool = False
     """The write settled (all chunks done or cancelled); set under the engine lock."""
     write_error: BaseException | None = None
-    read: _Transfer | None = None
+    read: Transfer | None = None
     released: bool = False
     checksums: list[int] = dataclasses.field(default_factory=list)
     """The checksum of each written chunk (``checksum.py``), when verifying."""
@@ -183,6 +112,9 @@ class Engine:
                 f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
             ) from e
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
+        self._chunked = ChunkedFile(
+            self.file, self._pool, self.config.chunk_bytes, verify=self.config.verify
+        )
         self._staging = StagingPool(self.config.staging_pool_bytes)
         self._lock = RuntimeLock()  # see locks.py: a handle's finalizer takes it
         self._inflight_changed = threading.Condition(self._lock)
@@ -404,70 +336,25 @@ class Engine:
 
     # -- I/O ---------------------------------------------------------------------
 
-    def _chunks(self, length: int) -> list[tuple[int, int]]:
-        step = self.config.chunk_bytes
-        return [(start, min(step, length - start)) for start in range(0, length, step)]
-
     def _start_write(self, entry: _Entry, buffer: torch.Tensor, copied) -> None:
         try:
             entry.slot = self.file.allocate(entry.nbytes)
         except OSError as err:
             if self.config.on_io_error == "raise":
                 raise self._io_error("no room for", entry, err) from err
-            entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
+            entry.write = Transfer(1, lambda e: self._finish_write(entry, e))
             entry.write.chunk_done(err)
             return
-        entry.checksums = [0] * len(self._chunks(entry.slot.length))
-        entry.write = self._submit_chunks(
-            entry,
-            buffer,
-            self._write_chunk,
+        slot = entry.slot
+        entry.checksums = [0] * self._chunked.n_chunks(slot)
+        entry.write = Transfer(
+            len(entry.checksums),
             lambda err: self._finish_write(entry, err),
-            copied,
+            buffer,
             drop_buffer=True,
         )
-
-    def _submit_chunks(
-        self, entry: _Entry, buffer: torch.Tensor, job, on_done, *extra, drop_buffer: bool = False
-    ) -> _Transfer:
-        """Queue ``job(transfer, entry, i, view, file_offset, *extra)`` per chunk of the slot."""
-        assert entry.slot is not None
-        transfer = _Transfer(
-            len(self._chunks(entry.slot.length)), on_done, buffer, drop_buffer=drop_buffer
-        )
-        self._submit(transfer, entry, entry.slot, job, *extra)
-        return transfer
-
-    def _submit(self, transfer: _Transfer, entry: _Entry, slot: Slot, job, *extra) -> None:
-        """Queue the chunks of ``transfer``; those that cannot be queued settle with the error."""
-        assert transfer.buffer is not None
-        data = as_memoryview(transfer.buffer)[: slot.length]
-        chunks = self._chunks(len(data))
-        for i, (start, length) in enumerate(chunks):
-            args = (transfer, entry, i, data[start : start + length], slot.offset + start, *extra)
-            try:
-                future = self._pool.submit(job, *args)
-            except BaseException as err:
-                transfer.settle(len(chunks) - i, err)
-                if self._closed:  # closed since the entry was found: the pool is shut down
-                    raise self._closed_error() from err
-                raise
-            transfer.futures.append(future)
-
-    def _write_chunk(
-        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int, copied
-    ) -> None:
-        try:
-            if copied is not None:
-                copied.synchronize()
-            self.file.write(view, offset)
-            if self.config.verify:
-                entry.checksums[i] = checksum(view)
-        except BaseException as err:  # reported through the transfer
-            transfer.chunk_done(err)
-            return
-        stats.add("bytes_written", len(view))
-        transfer.chunk_done()
+        ready = copied.synchronize if copied is not None else None
+        self._queue(self._chunked.write, entry.write, slot, entry.checksums, ready)
 
     def _forget(self, entry: _Entry | None, nbytes: int) -> None:
         """Undo a store that raised: no entry, and its reservation given back.
@@ -536,13 +423,13 @@ class Engine:
                     stacklevel=1,
                 )
 
-    def _claim_read(self, entry: _Entry) -> tuple[_Transfer, Slot]:
+    def _claim_read(self, entry: _Entry) -> tuple[Transfer, Slot]:
         """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held)."""
         assert entry.slot is not None
-        entry.read = _Transfer(len(self._chunks(entry.slot.length)), lambda err: None)
+        entry.read = Transfer(self._chunked.n_chunks(entry.slot), lambda err: None)
         return entry.read, entry.slot
 
-    def _start_read(self, entry: _Entry, read: _Transfer, slot: Slot) -> None:
+    def _start_read(self, entry: _Entry, read: Transfer, slot: Slot) -> None:
         """Take a claimed read's buffer and queue its chunks, without the engine lock:
         allocating faults pages in, which must not stall ``store`` and the I/O threads."""
         try:
@@ -551,26 +438,18 @@ class Engine:
             else:
                 read.buffer = self._staging.take_returning(entry.nbytes)
         except BaseException as err:
-            read.settle(len(self._chunks(slot.length)), err)
+            read.settle(self._chunked.n_chunks(slot), err)
             raise
-        self._submit(read, entry, slot, self._read_chunk)
+        self._queue(self._chunked.read, read, slot, entry.checksums)
 
-    def _read_chunk(
-        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int
-    ) -> None:
+    def _queue(self, submit: Callable[..., None], *args: object) -> None:
+        """Queue a transfer's chunks; a pool shut down since the entry was found means closed."""
         try:
-            self.file.read(view, offset)
-            if self.config.verify and checksum(view) != entry.checksums[i]:
-                raise OSError(
-                    errno.EIO,
-                    f"bytes {offset}-{offset + len(view)} differ from what was written "
-                    "(checksum mismatch): the file was changed",
-                )
-        except BaseException as err:
-            transfer.chunk_done(err)
-            return
-        stats.add("bytes_read", len(view))
-        transfer.chunk_done()
+            submit(*args)
+        except RuntimeError as err:
+            if self._closed:
+                raise self._closed_error() from err
+            raise
 
     def _release(self, entry_id: int) -> None:
         """Called when a handle's storage dies, from whichever thread dropped it."""
