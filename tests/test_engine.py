@@ -17,6 +17,7 @@ from engine_helpers import block_io_thread, slots_freed, written
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig
+from fxoffload.runtime.engine import WriteState
 from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 
@@ -327,6 +328,7 @@ def test_failed_write_keeps_the_tensor_in_memory(tiny_tmpfs, make_engine) -> Non
         handle = engine.store(big)
         written(engine)
     assert delta(before, "io_errors") == 1
+    assert engine._entry(handle).state is WriteState.FAILED
     first = engine.wait(handle)
     first.zero_()
     assert torch.equal(engine.wait(handle), big)
@@ -582,3 +584,16 @@ def test_a_staging_pool_that_raises_leaks_no_reservation(make_engine, monkeypatc
     written(engine)  # a reservation kept would have every later store wait forever
     again = engine.store(t)
     assert torch.equal(engine.wait(again), t)
+
+
+def test_a_write_leaves_writing_once_it_is_on_disk(make_engine) -> None:
+    engine = make_engine()
+    gate = block_io_thread(engine)
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    entry = engine._entry(handle)
+    assert entry.state is WriteState.WRITING and entry.staging is not None
+    gate.set()
+    written(engine)
+    assert entry.state is WriteState.WRITTEN and entry.staging is None
+    assert torch.equal(engine.wait(handle), t)

@@ -28,6 +28,7 @@ is its slot freed, so a retained graph can be waited on any number of times.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import itertools
 import shutil
 import threading
@@ -63,9 +64,25 @@ EngineConfig = dataclasses.make_dataclass(
 )
 
 
+class WriteState(enum.Enum):
+    """Where an entry's write is; it leaves WRITING once, in ``Engine._finish_write``."""
+
+    WRITING = "writing"
+    """Chunks queued or running; the staging copy holds the bytes (and forwards them)."""
+    WRITTEN = "written"
+    """On disk: every chunk written, or cancelled because the handle died first."""
+    FAILED = "failed"
+    """Not on disk; the staging copy, kept for good, is the only one (``write_error`` says why)."""
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
-    """One stored tensor: its layout, its slot, and what is in flight."""
+    """One stored tensor: its layout, its slot, its write's state and what is in flight.
+
+    Fields change under the engine lock. ``staging`` is held while WRITING
+    (unless a forwarding wait took it), dropped or pooled once WRITTEN, kept
+    when FAILED; ``read`` is the read in flight, if any (only once WRITTEN).
+    """
 
     id: int
     shape: tuple[int, ...]
@@ -81,11 +98,11 @@ class _Entry:
     staging_shared: bool = False
     """CUDA: a device copy was made from ``staging`` before its write ended; never pool it."""
     write: Transfer | None = None
-    written: bool = False
-    """The write settled (all chunks done or cancelled); set under the engine lock."""
+    state: WriteState = WriteState.WRITING
     write_error: BaseException | None = None
     read: Transfer | None = None
     released: bool = False
+    """The handle died: the slot is freed as soon as nothing is writing it."""
     checksums: list[int] = dataclasses.field(default_factory=list)
     """The checksum of each written chunk (``checksum.py``), when verifying."""
 
@@ -180,7 +197,7 @@ class Engine:
         with self._lock:
             # Before the write settles the bytes are in memory (and a read
             # could overtake the write of its own slot).
-            if entry.written and entry.write_error is None and entry.read is None:
+            if entry.state is WriteState.WRITTEN and entry.read is None:
                 read = self._claim_read(entry)
         if read is not None:
             self._start_read(entry, *read)
@@ -197,27 +214,30 @@ class Engine:
         entry = self._entry(handle)
         assert entry.write is not None
         if entry.device.type == "cuda":
-            with self._lock:  # a write that failed under on_io_error="raise" raises below
-                usable = entry.write_error is None or self.config.on_io_error == "keep"
-                staging = entry.staging if usable else None
+            with self._lock:
+                failed = entry.state is WriteState.FAILED
+            if failed:
+                self._check_keep(entry)  # a failed write under on_io_error="raise" raises
+            with self._lock:
+                staging = entry.staging
                 entry.staging_shared |= staging is not None
             if staging is not None:
                 return self._forward_to_device(entry, staging)
         with self._lock:
-            claimed = entry.staging if not entry.written else None
+            claimed = entry.staging if entry.state is WriteState.WRITING else None
             entry.staging = None if claimed is not None else entry.staging
         if claimed is not None:
             # Forwarding: this waiter alone gets the engine's copy, once written.
             entry.write.wait()
             with self._lock:
-                failed = entry.write_error is not None
+                failed = entry.state is WriteState.FAILED
                 if failed:
                     entry.staging = claimed
-            if failed and self.config.on_io_error == "raise":
-                assert entry.write_error is not None
-                raise self._io_error("could not write", entry, entry.write_error)
-            out = _view_as(claimed.clone() if failed else claimed, *self._layout(entry))
-            stats.add("tensors_forwarded")
+            if failed:
+                out = self._kept_copy(entry, claimed)
+            else:
+                out = _view_as(claimed, *self._layout(entry))
+                stats.add("tensors_forwarded")
         else:
             out = self._wait_written(entry)
         if entry.device.type != "cpu":
@@ -238,25 +258,32 @@ class Engine:
         stats.add("tensors_forwarded")
         return _view_as(staging, *self._layout(entry)).to(entry.device, non_blocking=True)
 
+    def _check_keep(self, entry: _Entry) -> None:
+        """Raise the failed write of ``entry`` unless ``on_io_error`` is "keep"."""
+        if self.config.on_io_error == "raise":
+            assert entry.write_error is not None
+            raise self._io_error("could not write", entry, entry.write_error)
+
+    def _kept_copy(self, entry: _Entry, kept: torch.Tensor) -> torch.Tensor:
+        """A FAILED entry's tensor: a copy of its kept staging bytes, the only ones there are."""
+        self._check_keep(entry)
+        stats.add("tensors_forwarded")
+        return _view_as(kept.clone(), *self._layout(entry))
+
     def _wait_written(self, entry: _Entry) -> torch.Tensor:
         """The tensor of an entry whose staging copy someone else has, or that was dropped."""
         entry.write.wait()  # a read must never overtake the write of its slot
         started = None
         with self._lock:
-            kept = entry.staging if entry.write_error is not None else None
+            kept = entry.staging if entry.state is WriteState.FAILED else None
             if kept is None and entry.read is None:
                 started = self._claim_read(entry)
             read = entry.read
             entry.read = None
         if started is not None:
             self._start_read(entry, *started)
-        if kept is not None and self.config.on_io_error == "raise":
-            assert entry.write_error is not None
-            raise self._io_error("could not write", entry, entry.write_error)
         if kept is not None:
-            # The write failed: the kept copy is the only one, hand out a copy of it.
-            stats.add("tensors_forwarded")
-            return _view_as(kept.clone(), *self._layout(entry))
+            return self._kept_copy(entry, kept)
         assert read is not None and read.buffer is not None
         error = read.wait()
         if error is not None:
@@ -367,7 +394,7 @@ class Engine:
         with self._lock:
             if entry is not None:
                 self._entries.pop(entry.id, None)
-            if entry is None or not entry.written:
+            if entry is None or entry.state is WriteState.WRITING:
                 self._inflight -= nbytes
                 self._inflight_changed.notify_all()
 
@@ -385,7 +412,7 @@ class Engine:
     def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
         staging = None
         with self._lock:
-            entry.written = True
+            entry.state = WriteState.WRITTEN if error is None else WriteState.FAILED
             released = entry.released
             if error is not None:
                 entry.write_error = error
@@ -461,7 +488,7 @@ class Engine:
             entry.released = True
             write, read = entry.write, entry.read
             entry.read = None
-            writing = not entry.written
+            writing = entry.state is WriteState.WRITING
             if not writing:
                 entry.staging = None
         if read is not None:
