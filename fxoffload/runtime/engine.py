@@ -42,6 +42,7 @@ import torch
 from fxoffload.options import IO_OPTIONS, check_fields, config_fields
 from fxoffload.runtime import private_dir, stats
 from fxoffload.runtime.handles import handle_id, make_handle
+from fxoffload.runtime.host_staging import HostStaging, PageableStaging, PinnedStaging, view_as
 from fxoffload.runtime.locks import RuntimeLock
 from fxoffload.runtime.offload_file import OffloadFile
 from fxoffload.runtime.slots import Slot
@@ -90,11 +91,13 @@ class _Entry:
     dtype: torch.dtype
     device: torch.device
     nbytes: int
+    host: HostStaging
+    """How the bytes are staged in host memory and restored (by the device's kind)."""
     slot: Slot | None = None
     staging: torch.Tensor | None = None
     """The engine's aligned copy (uint8), kept until the write succeeds (forever if it failed)."""
     copied: torch.cuda.Event | None = None
-    """CUDA: recorded on the caller's stream after the copy into ``staging``."""
+    """Marks the copy into ``staging`` done, where it is queued (CUDA: on the caller's stream)."""
     staging_shared: bool = False
     """CUDA: a device copy was made from ``staging`` before its write ended; never pool it."""
     write: Transfer | None = None
@@ -133,6 +136,8 @@ class Engine:
             self.file, self._pool, self.config.chunk_bytes, verify=self.config.verify
         )
         self._staging = StagingPool(self.config.staging_pool_bytes)
+        self._pageable = PageableStaging(self._staging)
+        self._pinned = PinnedStaging(self._staging)
         self._lock = RuntimeLock()  # see locks.py: a handle's finalizer takes it
         self._inflight_changed = threading.Condition(self._lock)
         self._inflight = 0
@@ -164,13 +169,8 @@ class Engine:
         self._reserve_inflight(nbytes)
         entry = None
         try:
-            buffer = self._staging.take(nbytes, pin_memory=t.is_cuda)
-            staging = _view_as(buffer, t.shape, order, t.dtype)
-            staging.copy_(t, non_blocking=t.is_cuda)
-            copied = None
-            if t.is_cuda:
-                copied = torch.cuda.Event(blocking=True)  # I/O threads sleep in synchronize()
-                copied.record(torch.cuda.current_stream(t.device))  # where copy_ ran
+            host = self._pinned if t.is_cuda else self._pageable
+            buffer, copied = host.copy_in(t, order)
             entry = _Entry(
                 id=next(_entry_ids),
                 shape=tuple(t.shape),
@@ -178,6 +178,7 @@ class Engine:
                 dtype=t.dtype,
                 device=t.device,
                 nbytes=nbytes,
+                host=host,
                 staging=buffer,
                 copied=copied,
             )
@@ -213,7 +214,7 @@ class Engine:
         """
         entry = self._entry(handle)
         assert entry.write is not None
-        if entry.device.type == "cuda":
+        if entry.host.copies_out:
             with self._lock:
                 failed = entry.state is WriteState.FAILED
             if failed:
@@ -236,13 +237,11 @@ class Engine:
             if failed:
                 out = self._kept_copy(entry, claimed)
             else:
-                out = _view_as(claimed, *self._layout(entry))
+                out = view_as(claimed, *self._layout(entry))
                 stats.add("tensors_forwarded")
         else:
             out = self._wait_written(entry)
-        if entry.device.type != "cpu":
-            return out.to(entry.device, non_blocking=True)
-        return out
+        return entry.host.to_device(out, entry.device)
 
     def _forward_to_device(self, entry: _Entry, staging: torch.Tensor) -> torch.Tensor:
         """A device copy of the pinned staging bytes, queued after the store's copy into them.
@@ -253,10 +252,11 @@ class Engine:
         which tracks the copy, not to the pool. Also the way back after a
         failed write under ``on_io_error="keep"``.
         """
-        assert entry.copied is not None
-        torch.cuda.current_stream(entry.device).wait_event(entry.copied)
+        assert isinstance(entry.host, PinnedStaging) and entry.copied is not None
         stats.add("tensors_forwarded")
-        return _view_as(staging, *self._layout(entry)).to(entry.device, non_blocking=True)
+        return entry.host.copy_out(
+            view_as(staging, *self._layout(entry)), entry.copied, entry.device
+        )
 
     def _check_keep(self, entry: _Entry) -> None:
         """Raise the failed write of ``entry`` unless ``on_io_error`` is "keep"."""
@@ -268,7 +268,7 @@ class Engine:
         """A FAILED entry's tensor: a copy of its kept staging bytes, the only ones there are."""
         self._check_keep(entry)
         stats.add("tensors_forwarded")
-        return _view_as(kept.clone(), *self._layout(entry))
+        return view_as(kept.clone(), *self._layout(entry))
 
     def _wait_written(self, entry: _Entry) -> torch.Tensor:
         """The tensor of an entry whose staging copy someone else has, or that was dropped."""
@@ -288,7 +288,7 @@ class Engine:
         error = read.wait()
         if error is not None:
             raise self._io_error("cannot read back", entry, error) from error
-        return _view_as(read.buffer, *self._layout(entry))
+        return view_as(read.buffer, *self._layout(entry))
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -424,14 +424,11 @@ class Engine:
                 staging, entry.staging = entry.staging, None
                 if entry.staging_shared:  # a device copy may still be reading it
                     staging = None
-                elif entry.copied is not None and not entry.copied.query():
-                    # Cancelled before a chunk waited for the copy into it, which may
-                    # still be queued: the caching host allocator, which tracks that
-                    # copy, gets it back instead of a read that the copy would overwrite.
+                elif not entry.host.reusable(entry.copied):
                     staging = None
         try:
             if staging is not None:
-                self._staging.give(staging, pin_memory=entry.device.type == "cuda")
+                self._staging.give(staging, pin_memory=entry.host.pinned)
                 del staging  # freed now unless the pool kept it: before the bytes count as written
         finally:  # whatever the pool raises, later stores must not wait for these bytes
             with self._lock:
@@ -460,10 +457,7 @@ class Engine:
         """Take a claimed read's buffer and queue its chunks, without the engine lock:
         allocating faults pages in, which must not stall ``store`` and the I/O threads."""
         try:
-            if entry.device.type == "cuda":
-                read.buffer = self._staging.take(entry.nbytes, pin_memory=True)
-            else:
-                read.buffer = self._staging.take_returning(entry.nbytes)
+            read.buffer = entry.host.read_buffer(entry.nbytes)
         except BaseException as err:
             read.settle(self._chunked.n_chunks(slot), err)
             raise
@@ -503,16 +497,3 @@ class Engine:
         if entry.slot is not None:
             self.file.free(entry.slot)
             entry.slot = None
-
-
-def _view_as(
-    buffer: torch.Tensor, shape: Sequence[int], dim_order: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    """View the front of a uint8 buffer as a dense tensor with the given dim order."""
-    physical = [shape[d] for d in dim_order]
-    numel = 1
-    for s in physical:
-        numel *= s
-    flat = buffer[: numel * dtype.itemsize].view(dtype)
-    inverse = sorted(range(len(dim_order)), key=dim_order.__getitem__)
-    return flat.view(physical).permute(inverse)
