@@ -28,14 +28,12 @@ def _prefetch(handle: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.impl("ssdtrain::wait", "CompositeExplicitAutograd")
-def _wait(
-    handle: torch.Tensor,
-    token: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
-    dim_order: list[int],
-) -> torch.Tensor:
-    """Return the stored tensor (from memory if still there, else from its file)."""
+def _wait(handle: torch.Tensor, token: torch.Tensor, dtype: torch.dtype, *layout) -> torch.Tensor:
+    """Return the stored tensor (from memory if still there, else from its file).
+
+    Its device and dim order (``layout``) are the engine's to restore; the fake
+    implementation builds the same from them.
+    """
     out = registry.engine_of(handle).wait(handle)
     if out.dtype != dtype or out.shape != handle.shape[1:]:
         raise RuntimeError(
