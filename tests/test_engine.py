@@ -597,3 +597,15 @@ def test_a_write_leaves_writing_once_it_is_on_disk(make_engine) -> None:
     written(engine)
     assert entry.state is WriteState.WRITTEN and entry.staging is None
     assert torch.equal(engine.wait(handle), t)
+
+
+def test_stats_count_the_io_threads_cpu_time(make_engine) -> None:
+    engine = make_engine(chunk_bytes=1 << 16)
+    before = fxoffload.stats()
+    t = torch.randn(1 << 20)  # 4 MiB: 64 chunks each way, checksummed
+    handle = engine.store(t)
+    written(engine)
+    engine.prefetch(handle)
+    assert torch.equal(engine.wait(handle), t)
+    assert delta(before, "io_cpu_ns") > 0
+    assert fxoffload.stats().as_dict()["io_cpu_ns"] == fxoffload.stats().io_cpu_ns

@@ -37,6 +37,9 @@ class OffloadStats:
     """Total time those waits blocked the caller: I/O the schedule did not hide."""
     staging_reused: int = 0
     """Stores that copied into a kept staging buffer instead of fresh memory."""
+    io_cpu_ns: int = 0
+    """CPU time the I/O threads spent moving and checksumming chunks: on a CPU device,
+    taken from the cores that compute."""
     handles_live: int = 0
     """Stored tensors whose graph still holds a handle to them."""
     slot_bytes_in_use: int = 0
@@ -66,6 +69,7 @@ COUNTERS = (
     "wait_stalls",
     "wait_stall_ns",
     "staging_reused",
+    "io_cpu_ns",
 )
 _lock = RuntimeLock()  # counters() allocates under it: a collection may run a finalizer there
 _values: dict[str, int] = dict.fromkeys(COUNTERS, 0)

@@ -150,9 +150,11 @@ class ChunkedFile:
         try:
             if ready is not None:
                 ready()
+            started = time.thread_time_ns()
             self.file.write(view, offset)
             if self._verify:
                 checksums[i] = checksum(view)
+            stats.add("io_cpu_ns", time.thread_time_ns() - started)
         except BaseException as err:  # reported through the transfer
             transfer.chunk_done(err)
             return
@@ -163,8 +165,11 @@ class ChunkedFile:
         self, transfer: Transfer, i: int, view: memoryview, offset: int, checksums: list[int]
     ) -> None:
         try:
+            started = time.thread_time_ns()
             self.file.read(view, offset)
-            if self._verify and checksum(view) != checksums[i]:
+            matches = not self._verify or checksum(view) == checksums[i]
+            stats.add("io_cpu_ns", time.thread_time_ns() - started)
+            if not matches:
                 raise OSError(
                     errno.EIO,
                     f"bytes {offset}-{offset + len(view)} differ from what was written "
