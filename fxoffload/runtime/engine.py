@@ -8,18 +8,16 @@ Usable without any compiler::
     t2 = engine.wait(h)      # t2 has t's shape, strides and bytes
 
 ``store`` copies the tensor into an aligned staging buffer the engine owns
-before it returns. That copy is what makes the engine safe under a compiler:
-inductor reuses an intermediate's memory for later buffers as soon as the
-graph stops using it, so the engine may not write from the caller's memory
-after ``store`` returns. On CUDA the copy to pinned memory is queued on the
-caller's stream for the same reason: later kernels on that stream may reuse
-the memory, and stream order puts them after the copy. A staging buffer is
-dropped as soon as its write completes, which is where the memory saving
-comes from; ``max_inflight_bytes`` bounds how many bytes wait to be written.
+before it returns (``host_staging.py``). That copy is what makes the engine
+safe under a compiler: inductor reuses an intermediate's memory for later
+buffers as soon as the graph stops using it, so the engine may not write from
+the caller's memory after ``store`` returns. A staging buffer is dropped as
+soon as its write completes, which is where the memory saving comes from;
+``max_inflight_bytes`` bounds how many bytes wait to be written.
 
-Each tensor is split into chunks written and read by several threads at
-positional offsets of one preallocated file (``offload_file.py``), with
-direct I/O where the file system allows it.
+Each tensor is split into chunks written and read by several threads
+(``transfers.py``) at positional offsets of one preallocated file
+(``offload_file.py``), with direct I/O where the file system allows it.
 
 An entry lives until every handle to it dies (see ``handles.py``); only then
 is its slot freed, so a retained graph can be waited on any number of times.
