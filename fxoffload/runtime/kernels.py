@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from fxoffload import ops
 from fxoffload.runtime import registry
-from fxoffload.runtime.engine import EngineConfig
 
 
 @torch.library.impl("ssdtrain::store", "CompositeExplicitAutograd")
 def _store(x: torch.Tensor, engine: str, dim_order: list[int]) -> torch.Tensor:
     """Copy ``x`` to the engine ``engine`` names, start its write, return a handle."""
-    root, settings = ops.parse_engine_key(engine)
-    return registry.engine_for(root, EngineConfig(**settings)).store(x, dim_order)
+    return registry.engine_named(engine).store(x, dim_order)
 
 
 @torch.library.impl("ssdtrain::prefetch", "CompositeExplicitAutograd")

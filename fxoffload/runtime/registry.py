@@ -14,12 +14,15 @@ import threading
 
 import torch
 
+from fxoffload import ops
 from fxoffload.runtime import stats
 from fxoffload.runtime.engine import Engine, EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
 _engines: dict[tuple[str, EngineConfig], Engine] = {}
+_named: dict[str, Engine] = {}
+"""Engines by the key a graph names them with: a store looks its engine up once per key."""
 
 
 def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
@@ -31,6 +34,18 @@ def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
         if engine is None:
             engine = _engines[key] = Engine(root, config)
         return engine
+
+
+def engine_named(key: str) -> Engine:
+    """The engine that ``key`` (``fxoffload.ops.engine_key``) names."""
+    with _lock:
+        engine = _named.get(key)
+    if engine is None:
+        root, settings = ops.parse_engine_key(key)
+        engine = engine_for(root, EngineConfig(**settings))
+        with _lock:
+            _named[key] = engine
+    return engine
 
 
 def engine_of(handle: torch.Tensor) -> Engine:
@@ -71,6 +86,7 @@ def close_all() -> None:
     with _lock:
         closing = list(_engines.values())
         _engines.clear()
+        _named.clear()
     for engine in closing:
         engine.close()
 
