@@ -51,12 +51,10 @@ MIB = 1 << 20
 
 
 class CausalLMLoss(nn.Module):
-    """GPT-2 plus its loss, taking the token ids alone.
+    """GPT-2 plus its loss, taking the token ids alone (as labels too: GPT-2 shifts them).
 
-    ``fxoffload.explain`` passes positional inputs only, and HF's model needs
-    ``labels=``; compiling this wrapper (for training and for ``explain``
-    alike) also puts the loss in the graph, so the logits, the largest
-    activation, are offloaded too. GPT-2 shifts the labels itself.
+    Compiling this wrapper, for training and for ``explain`` alike, puts the
+    loss in the graph, so the logits, the largest activation, are offloaded too.
     """
 
     def __init__(self, model: GPT2LMHeadModel) -> None:

@@ -20,6 +20,10 @@ Run it (after ``pip install .`` in the repository)::
     python examples/train_tiny_gpt.py --steps 20 --offload-dir /nvme/scratch
     python examples/train_tiny_gpt.py --policy all    # every eligible activation
     python examples/train_tiny_gpt.py --policy none   # same compile, nothing offloaded
+
+What the backend decides for it, from the repository root (``make_gpt`` is the factory)::
+
+    python -m fxoffload explain examples.train_tiny_gpt:make_gpt -o compiler=aot_eager
 """
 
 from __future__ import annotations
@@ -103,6 +107,16 @@ class TinyGPT(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def make_gpt() -> tuple[TinyGPT, tuple[torch.Tensor, torch.Tensor]]:
+    """The model and its one fixed batch, ``(idx, targets)``: next-token targets are the
+    inputs shifted by one. The factory ``python -m fxoffload explain`` takes."""
+    torch.manual_seed(0)
+    cfg = GPTConfig()
+    model = TinyGPT(cfg)
+    data = torch.randint(0, cfg.vocab_size, (BATCH_SIZE, cfg.block_size + 1))
+    return model, (data[:, :-1], data[:, 1:])
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="training steps (default 10)")
@@ -117,22 +131,16 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    torch.manual_seed(0)
-    cfg = GPTConfig()
-    model = TinyGPT(cfg)
+    model, (idx, targets) = make_gpt()
     options: dict[str, str] = {"compiler": args.compiler, "policy": args.policy}
     if args.offload_dir is not None:
         options["offload_dir"] = args.offload_dir
     compiled = torch.compile(model, backend="ssdtrain", options=options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
-    # One fixed batch: next-token targets are the inputs shifted by one.
-    data = torch.randint(0, cfg.vocab_size, (BATCH_SIZE, cfg.block_size + 1))
-    idx, targets = data[:, :-1], data[:, 1:]
-
     print(
         f"TinyGPT: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"batch {BATCH_SIZE}x{cfg.block_size}, compiler={args.compiler}, "
+        f"batch {BATCH_SIZE}x{idx.shape[1]}, compiler={args.compiler}, "
         f"policy={args.policy}"
     )
     for step in range(1, args.steps + 1):

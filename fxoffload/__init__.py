@@ -18,18 +18,20 @@ Example::
 
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
 
 from fxoffload import config
-from fxoffload import ops as _ops  # noqa: F401  (registers the ssdtrain:: ops)
-from fxoffload.backend import ssdtrain
-from fxoffload.explain import Explanation, explain
-from fxoffload.hardware import Hardware
+from fxoffload import ops as _ops  # noqa: F401  (defines the ssdtrain:: ops)
 from fxoffload.options import Options
-from fxoffload.runtime import registry as _registry
-from fxoffload.runtime import stats as _stats
-from fxoffload.runtime.stats import OffloadStats
-from fxoffload.simulate import Simulation, simulate
+
+if TYPE_CHECKING:
+    from fxoffload.backend import ssdtrain
+    from fxoffload.explanation import Explanation, explain
+    from fxoffload.hardware import Hardware
+    from fxoffload.runtime.stats import OffloadStats
+    from fxoffload.simulation import Simulation, simulate
 
 try:
     __version__ = version("fxoffload")
@@ -50,13 +52,36 @@ __all__ = [
     "stats",
 ]
 
+_LAZY = {
+    "Explanation": "fxoffload.explanation",
+    "Hardware": "fxoffload.hardware",
+    "OffloadStats": "fxoffload.runtime.stats",
+    "Simulation": "fxoffload.simulation",
+    "explain": "fxoffload.explanation",
+    "simulate": "fxoffload.simulation",
+    "ssdtrain": "fxoffload.backend",
+}
+"""Imported on first use, so that ``import fxoffload.passes`` does not bring in the runtime."""
+
+
+def __getattr__(name: str) -> object:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fxoffload' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 def stats() -> OffloadStats:
-    """What the engines of this process did (bytes written and read, tensors forwarded...)
-    and what they hold now (live handles, file bytes)."""
-    return _registry.snapshot()
+    """What the engines of this process did and what they hold now: see ``OffloadStats``.
+
+    A frozen dataclass; ``stats().as_dict()`` (or ``dataclasses.asdict``) gives a dict.
+    """
+    from fxoffload.runtime import registry
+
+    return registry.snapshot()
 
 
 def reset_stats() -> None:
     """Zero the counters; the gauges of what is held right now are unaffected."""
-    _stats.reset()
+    from fxoffload.runtime import stats as counters
+
+    counters.reset()

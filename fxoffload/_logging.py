@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from torch._logging import trace_structured
-
+from fxoffload._compat import trace_structured
 from fxoffload.passes import SavedValue
 from fxoffload.report import format_decisions, summarize
 

@@ -7,19 +7,17 @@ Registered through the ``torch_dynamo_backends`` entry point, so
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._dynamo.backends.common import aot_autograd
-from torch._dynamo.backends.debugging import boxed_nop
 
+from fxoffload._compat import aot_autograd, boxed_nop
 from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner, PartitionResult
 from fxoffload.passes.costs import DeviceCosts
-from fxoffload.runtime import Engine, probe, registry
+from fxoffload.runtime import Engine, EngineConfig, probe, registry
 
 
 def ssdtrain(
@@ -61,15 +59,12 @@ def compile_with_offloading(
     with ``aot_eager``, and never runs what is compiled.
     """
     if costs is None and options.policy != "none":
-        engine = registry.engine_for(options.offload_dir, options.engine_config())
-        # The first compile on a directory sets its engine up; plan with what it enforces.
-        options = dataclasses.replace(options, **dataclasses.asdict(engine.config))
+        engine = registry.engine_for(options.offload_dir, EngineConfig(**options.io_settings))
         costs = device_costs(options, engine, _device_of(example_inputs))
     partitioner = OffloadPartitioner(options, costs, on_partition)
     if options.compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
         from fxoffload import lowering  # noqa: F401  (registers the lowerings of store and wait)
+        from fxoffload._compat import compile_fx
 
         return compile_fx(gm, example_inputs, config_patches=inductor_config_patches(partitioner))
     return aot_autograd(

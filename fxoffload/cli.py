@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from fxoffload.hardware import PRESETS, Hardware, preset
-from fxoffload.simulate import BUDGETS
+from fxoffload.simulation import BUDGETS
 
 BENCHMARKS = {
     "io": "io_bandwidth.py",
@@ -40,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     explain.add_argument(
         "target",
         metavar="MODULE:FACTORY",
-        help="e.g. mypkg.models:make_gpt; FACTORY returns (model, inputs), inputs "
-        "a tensor or a tuple of tensors",
+        help="e.g. examples.train_tiny_gpt:make_gpt (from the repository root); FACTORY "
+        "returns (model, inputs), inputs a tensor, a tuple of them, or a dict of keyword "
+        "inputs",
     )
     explain.add_argument(
         "-o",
@@ -114,28 +115,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench.add_argument("args", nargs=argparse.REMAINDER)
 
     args = parser.parse_args(argv)
-    if args.command == "explain":
-        return _explain(args.target, args.option)
-    if args.command == "simulate":
-        return _simulate(args)
-    return _bench(args.name, args.args)
+    if args.command == "bench":
+        return _bench(args.name, args.args)
+    try:
+        return _explain(args) if args.command == "explain" else _simulate(args)
+    except UsageError as e:  # as argparse reports a bad argument: one line, status 2
+        prog = explain.prog if args.command == "explain" else simulate.prog
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
-def _load(target: str) -> tuple[object, tuple[object, ...]]:
-    """``FACTORY()``'s model and inputs, the inputs as a tuple."""
+class UsageError(Exception):
+    """A mistake in the command line: an option, a value, a factory that is not there."""
+
+
+def _load(target: str) -> tuple[object, tuple[object, ...], dict[str, object]]:
+    """``FACTORY()``'s model, and its inputs as positional and keyword arguments."""
     module_name, sep, factory_name = target.partition(":")
     if not sep or not module_name or not factory_name:
-        raise SystemExit(f"expected MODULE:FACTORY, got {target!r}")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+        raise UsageError(f"expected MODULE:FACTORY, got {target!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise UsageError(f"cannot import {module_name!r}: {e}") from e
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise UsageError(f"module {module_name!r} has no factory {factory_name!r}")
     model, inputs = factory()
-    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(inputs, dict):
+        return model, (), inputs
+    return model, inputs if isinstance(inputs, tuple) else (inputs,), {}
 
 
-def _explain(target: str, option_args: list[str]) -> int:
+def _explain(args: argparse.Namespace) -> int:
     import fxoffload
 
-    model, inputs = _load(target)
-    print(fxoffload.explain(model, *inputs, options=_parse_options(option_args)))
+    try:
+        options = fxoffload.Options.from_dict(_parse_options(args.option))
+    except ValueError as e:
+        raise UsageError(e) from e
+    model, inputs, keywords = _load(args.target)
+    print(fxoffload.explain(model, *inputs, options=options, **keywords))
     return 0
 
 
@@ -154,18 +174,20 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.hardware is not None:
         hardware = preset(args.hardware, **given)
     elif args.flops is None or args.memory_bw is None:
-        raise SystemExit("give --hardware, or both --flops and --memory-bw")
+        raise UsageError("give --hardware, or both --flops and --memory-bw")
     else:
         hardware = Hardware("custom", **given)
-    model, inputs = _load(args.target)
+    options = _parse_options(args.option)
+    model, inputs, keywords = _load(args.target)
     print(
         fxoffload.simulate(
             model,
             *inputs,
             hardware=hardware,
-            options=_parse_options(args.option),
+            options=options,
             budgets=args.budgets,
             tbw=args.tbw,
+            **keywords,
         )
     )
     return 0
@@ -186,7 +208,7 @@ def _parse_options(items: list[str]) -> dict[str, object]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"expected KEY=VALUE, got {item!r}")
+            raise UsageError(f"expected KEY=VALUE, got {item!r}")
         try:
             options[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

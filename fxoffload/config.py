@@ -12,80 +12,88 @@ compile, the way ``torch._functorch.config`` does::
     @fxoffload.config.patch(min_bytes=4 << 20)          # or decorator
     def train(): ...
 
-Environment: ``FXOFFLOAD_DIR`` sets the offload directory when
-``offload_dir`` is None.
+Each option is defined here once: its type and constraints in the annotation
+(``fxoffload.option_checks``), its default, its meaning in the comment above
+it. ``Options``, its validation and the runtime's ``EngineConfig`` are built
+from these; ``ENGINE`` marks the I/O options, which with ``offload_dir`` name
+an engine.
+
+Environment: ``FXOFFLOAD_DIR`` sets ``offload_dir``'s default, read when
+fxoffload is imported.
 """
 
 import sys
+from typing import Annotated, Literal
 
-from torch.utils._config_module import install_config_module
+from fxoffload import option_checks as c
+from fxoffload._compat import Config, install_config_module
 
 # Where offload files go: the engine makes a private 0700 directory inside.
 # None: $FXOFFLOAD_DIR if set, else the system temporary directory.
-offload_dir: str | None = None
+offload_dir: str | None = Config(default=None, env_name_default="FXOFFLOAD_DIR")
 
 # "adaptive": offload the saved activations whose writes and reads the cost
 # model says are hidden behind compute. "all": every eligible one. "none":
 # rewrite nothing, same partitioner and compiler (the bitwise baseline).
-policy: str = "adaptive"
+policy: Literal["adaptive", "all", "none"] = "adaptive"
 
 # At most this fraction of the saved-activation bytes (of PyTorch's partition
 # with nothing offloaded and no budget) stays in memory at the start of
 # backward: offloading hides what the disk can, PyTorch's recomputation buys
 # the rest (fxoffload/memory_budget.py). 1.0: no budget, nothing recomputed
 # beyond PyTorch's default partition.
-memory_budget: float = 1.0
+memory_budget: Annotated[float, c.AtLeast(0.0), c.AtMost(1)] = 1.0
 
 # Saved tensors smaller than this stay in memory.
-min_bytes: int = 1 << 20
+min_bytes: Annotated[int, c.AtLeast(0)] = 1 << 20
 
 # The cost model plans I/O as taking this many times its measured time.
-io_safety: float = 1.5
+io_safety: Annotated[float, c.AtLeast(1.0)] = 1.5
 
 # At most this many bytes are read ahead of their use in backward.
-prefetch_budget_bytes: int = 1 << 30
+prefetch_budget_bytes: Annotated[int, c.AtLeast(0)] = 1 << 30
 
 # "adaptive" offloads only while the step time offloading pays by the model
 # (each store's copy into staging, and the compute its I/O takes where the
 # device's cores compute) stays within this fraction of the modelled step.
-max_overhead: float = 0.1
+max_overhead: Annotated[float, c.AtLeast(0.0)] = 0.1
 
 # Device rates for the cost model; None: measured once per file system (the
 # disk) and per device and thread count (compute), cached per user
 # (fxoffload.runtime.probe.cache_path()).
-write_bytes_per_s: float | None = None
-read_bytes_per_s: float | None = None
-flops_per_s: float | None = None
-memory_bytes_per_s: float | None = None
+write_bytes_per_s: Annotated[float | None, c.Above(0.0)] = None
+read_bytes_per_s: Annotated[float | None, c.Above(0.0)] = None
+flops_per_s: Annotated[float | None, c.Above(0.0)] = None
+memory_bytes_per_s: Annotated[float | None, c.Above(0.0)] = None
 
 # How the cost model times the graph's nodes: "flops" (FLOPs and bytes moved
 # at the device's rates) or "profile" (each graph run once, op by op, on random
 # inputs when it is compiled; see fxoffload/profiling.py).
-cost_model: str = "flops"
+cost_model: Literal["flops", "profile"] = "flops"
 
 # Compiler for the rewritten graphs: "inductor", or "aot_eager" for tests.
-compiler: str = "inductor"
+compiler: Literal["inductor", "aot_eager"] = "inductor"
 
-# I/O worker threads per offload directory.
-io_threads: int = 4
+# I/O worker threads per engine (an offload directory and its I/O options).
+io_threads: Annotated[int, c.AtLeast(1), c.ENGINE] = 4
 
 # Tensors move in chunks of this many bytes (a multiple of 4096).
-chunk_bytes: int = 8 << 20
+chunk_bytes: Annotated[int, c.AtLeast(4096), c.MultipleOf(4096), c.ENGINE] = 8 << 20
 
 # At most this many bytes wait to be written; a store beyond it waits.
-max_inflight_bytes: int = 1 << 30
+max_inflight_bytes: Annotated[int, c.AtLeast(1), c.ENGINE] = 1 << 30
 
 # "direct" (O_DIRECT), "buffered", or "auto" (direct where supported).
-io_mode: str = "auto"
+io_mode: Annotated[Literal["auto", "direct", "buffered"], c.ENGINE] = "auto"
 
 # Checksum every chunk on write and check it on read (runtime/checksum.py).
-verify: bool = True
+verify: Annotated[bool, c.ENGINE] = True
+
+# A failed write: "keep" the tensor in memory and go on, or "raise".
+on_io_error: Annotated[Literal["keep", "raise"], c.ENGINE] = "keep"
 
 # Staging buffers whose write finished are kept for reuse up to this many
 # bytes: copying into memory used before is several times faster.
-staging_pool_bytes: int = 128 << 20
-
-# A failed write: "keep" the tensor in memory and go on, or "raise".
-on_io_error: str = "keep"
+staging_pool_bytes: Annotated[int, c.AtLeast(0), c.ENGINE] = 128 << 20
 
 install_config_module(sys.modules[__name__])

@@ -1,33 +1,25 @@
 """Inductor's lowerings of ``ssdtrain::store`` and ``ssdtrain::wait``.
 
 ``store``: its input is laid out as it would be as a saved value. Without
-offloading, a saved value is a forward output, and inductor fixes an
-output's strides to its traced ones when it lowers the node that makes it;
-other users then adapt to that buffer. Offloaded, the value is no longer an
-output, and an op inserted by a pass gets no layout constraint at all (its
-``needs_exact_strides`` tag applies only to ops traced from user code): the
-store, lowered right after the value, froze it contiguous, and a user that
-wanted the traced layout (attention after a rotary embedding) got a second
-buffer from the same kernel, whose loop order and vectorization then
-differed from ``policy="none"``'s, and so did the last bits. So the lowering
-asks for what being an output asks for, at the same point in the graph.
+offloading, a saved value is a forward output, whose strides inductor fixes
+to its traced ones when it lowers the node that makes it; an op inserted by
+a pass gets no layout constraint (``needs_exact_strides`` applies only to
+ops traced from user code). So the lowering asks for what being an output
+asks for, at the same point in the graph: the kernels, and so the last bits,
+stay those of ``policy="none"``.
 
-``wait``: what it returns is aligned. Inductor takes a fallback's output to
-be unaligned when any of its tensor inputs is, and every CPU graph input
-(our handles) counts as unaligned; Triton kernels reading a restored
-activation were then compiled without divisibility hints and summed in
-another order. ``wait`` returns a fresh allocation or the front of a 4 KiB-
-aligned engine buffer, never a view at an offset, so its output is marked
-aligned.
+``wait``: its output is marked aligned. Inductor takes a fallback's output to
+be unaligned when any of its tensor inputs is, and every CPU graph input (our
+handles) counts as unaligned, which would compile kernels reading a restored
+activation without divisibility hints. ``wait`` returns a fresh allocation
+or the front of a 4 KiB-aligned engine buffer, never a view at an offset.
 """
 
 from __future__ import annotations
 
-from torch._inductor import ir
-from torch._inductor import lowering as inductor_lowering
-from torch._inductor.virtualized import V
-
 from fxoffload import ops
+from fxoffload._compat import V, inductor_lowering
+from fxoffload._compat import inductor_ir as ir
 
 _store_fallback = inductor_lowering.fallback_handler(ops.store, add_to_fallback_set=False)
 _wait_fallback = inductor_lowering.fallback_handler(ops.wait, add_to_fallback_set=False)

@@ -1,18 +1,23 @@
-"""The ``ssdtrain::`` custom ops: the only bridge between graphs and runtime.
+"""The ``ssdtrain::`` custom ops: schemas and fake implementations, the seam of graphs and runtime.
 
-The passes insert these ops into the forward and backward graphs; at run
-time they call the engine. Each has a fake implementation, so they trace,
-and is declared side-effectful, so no dead-code elimination removes them.
+The passes insert these ops into the forward and backward graphs; the
+runtime registers their real kernels (``fxoffload/runtime/kernels.py``), so
+this module, and the passes with it, import without the runtime. Each op has
+a fake implementation, so it traces, and is declared side-effectful, so no
+dead-code elimination removes it.
 
 In the forward graph::
 
-    handle = ssdtrain.store(x, offload_dir, dim_order)
+    handle = ssdtrain.store(x, engine, dim_order)
 
 In the backward graph::
 
     token = ssdtrain.prefetch(handle)          # placed early: starts the read
     x = ssdtrain.wait(handle, token, dtype, device, dim_order)
 
+``engine`` names the engine that holds ``x``: its offload directory and I/O
+settings (:func:`engine_key`), so a compiled graph finds the engine it was
+compiled for, and graphs compiled with other settings get their own.
 A handle is a CPU int64 tensor of shape ``(0, *x.shape)`` (see
 ``runtime/handles.py``): symbolic sizes stay visible in the backward graph and
 it holds no memory as far as any memory planner can tell.
@@ -26,58 +31,39 @@ be without offloading.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+
 import torch
 from torch.fx import has_side_effect
 
-from fxoffload.runtime import registry
+torch.library.define(
+    "ssdtrain::store",
+    "(Tensor x, str engine, SymInt[] dim_order) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag, torch.Tag.needs_exact_strides),
+)
+torch.library.define(
+    "ssdtrain::prefetch", "(Tensor handle) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,)
+)
+torch.library.define(
+    "ssdtrain::wait",
+    "(Tensor handle, Tensor token, ScalarType dtype, Device device, SymInt[] dim_order) -> Tensor",
+    tags=(torch.Tag.pt2_compliant_tag,),
+)
 
 
-@torch.library.custom_op("ssdtrain::store", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
-def _store(x: torch.Tensor, offload_dir: str, dim_order: list[int]) -> torch.Tensor:
-    """Copy ``x`` to the engine of ``offload_dir``, start its write, return a handle."""
-    return registry.engine_for(offload_dir).store(x, dim_order)
-
-
-@_store.register_fake
-def _store_fake(x: torch.Tensor, offload_dir: str, dim_order: list[int]) -> torch.Tensor:
+@torch.library.register_fake("ssdtrain::store")
+def _store_fake(x: torch.Tensor, engine: str, dim_order: list[int]) -> torch.Tensor:
     return torch.empty((), dtype=torch.int64, device="cpu").expand((0, *x.shape))
 
 
-@torch.library.custom_op("ssdtrain::prefetch", mutates_args=())
-def _prefetch(handle: torch.Tensor) -> torch.Tensor:
-    """Start reading the tensor back; returns an empty token that ``wait`` takes.
-
-    The token is a data dependency, so every compiler keeps the prefetch and
-    keeps it before its wait.
-    """
-    registry.engine_of(handle).prefetch(handle)
-    return torch.empty(0)
-
-
-@_prefetch.register_fake
+@torch.library.register_fake("ssdtrain::prefetch")
 def _prefetch_fake(handle: torch.Tensor) -> torch.Tensor:
+    """The token: an empty tensor whose data dependency keeps the prefetch before its wait."""
     return torch.empty(0)
 
 
-@torch.library.custom_op("ssdtrain::wait", mutates_args=())
-def _wait(
-    handle: torch.Tensor,
-    token: torch.Tensor,
-    dtype: torch.dtype,
-    device: torch.device,
-    dim_order: list[int],
-) -> torch.Tensor:
-    """Return the stored tensor (from memory if still there, else from its file)."""
-    out = registry.engine_of(handle).wait(handle)
-    if out.dtype != dtype or out.shape != handle.shape[1:]:
-        raise RuntimeError(
-            f"fxoffload: handle holds a {out.dtype} tensor of shape {list(out.shape)}, "
-            f"but the graph expects {dtype} of shape {list(handle.shape[1:])}"
-        )
-    return out
-
-
-@_wait.register_fake
+@torch.library.register_fake("ssdtrain::wait")
 def _wait_fake(
     handle: torch.Tensor,
     token: torch.Tensor,
@@ -86,6 +72,17 @@ def _wait_fake(
     dim_order: list[int],
 ) -> torch.Tensor:
     return torch.empty_permuted(handle.shape[1:], dim_order, dtype=dtype, device=device)
+
+
+def engine_key(offload_dir: str, io_settings: Mapping[str, object]) -> str:
+    """``store``'s ``engine`` argument: the directory and the I/O settings, as one JSON object."""
+    return json.dumps({"offload_dir": offload_dir, **io_settings})
+
+
+def parse_engine_key(key: str) -> tuple[str, dict[str, object]]:
+    """The directory and I/O settings that :func:`engine_key` wrote."""
+    settings = json.loads(key)
+    return settings.pop("offload_dir"), settings
 
 
 store = torch.ops.ssdtrain.store.default

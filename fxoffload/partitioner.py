@@ -14,11 +14,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch.fx as fx
-from torch._functorch import config as functorch_config
-from torch._functorch.partitioners import min_cut_rematerialization_partition
 
 from fxoffload import profiling
-from fxoffload._compat import CustomPartitionerFn, get_hash_for_files
+from fxoffload._compat import (
+    CustomPartitionerFn,
+    functorch_config,
+    get_hash_for_files,
+    min_cut_rematerialization_partition,
+)
 from fxoffload._logging import log_partition
 from fxoffload.memory_budget import plan_under_budget
 from fxoffload.options import Options

@@ -17,6 +17,7 @@ from engine_helpers import block_io_thread, slots_freed, written
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig
+from fxoffload.runtime.engine import WriteState
 from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 
@@ -327,6 +328,7 @@ def test_failed_write_keeps_the_tensor_in_memory(tiny_tmpfs, make_engine) -> Non
         handle = engine.store(big)
         written(engine)
     assert delta(before, "io_errors") == 1
+    assert engine._entry(handle).state is WriteState.FAILED
     first = engine.wait(handle)
     first.zero_()
     assert torch.equal(engine.wait(handle), big)
@@ -520,3 +522,90 @@ def test_an_entry_goes_with_its_handle_not_at_the_next_collection(make_engine) -
         assert entry() is None, "an entry outlived its handle"
     finally:
         gc.enable()
+
+
+def blocked_in(thread: threading.Thread, function: str) -> bool:
+    """Whether ``thread`` is, right now, inside a call of ``function``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def test_a_read_takes_its_buffer_without_holding_the_engine_lock(make_engine) -> None:
+    """Allocating a read's buffer (page faults, mmap) must not stall store and the I/O threads."""
+    engine = make_engine()
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    written(engine)
+    with engine._staging._lock:  # the read's buffer allocation waits for it
+        prefetcher = threading.Thread(target=engine.prefetch, args=(handle,), daemon=True)
+        prefetcher.start()
+        deadline = time.monotonic() + 10
+        while not blocked_in(prefetcher, "take") and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert blocked_in(prefetcher, "take")
+        other = threading.Thread(target=engine.live_entries, daemon=True)
+        other.start()
+        other.join(timeout=5)
+        stalled = other.is_alive()
+    prefetcher.join(timeout=10)
+    assert not stalled, "the engine lock was held while a read took its buffer"
+    assert torch.equal(engine.wait(handle), t)
+
+
+def test_prefetch_and_wait_after_close_say_the_engine_is_closed(make_engine) -> None:
+    engine = make_engine()
+    handle = engine.store(torch.randn(1024))
+    written(engine)
+    engine.close()
+    for operation in (engine.store, engine.prefetch, engine.wait):
+        argument = torch.randn(8) if operation == engine.store else handle
+        with pytest.raises(RuntimeError, match=r"fxoffload engine for '.*' is closed"):
+            operation(argument)
+
+
+def test_a_staging_pool_that_raises_leaks_no_reservation(make_engine, monkeypatch) -> None:
+    """Whatever giving the buffer back raises, the write's bytes stop counting as in flight.
+
+    The fault is injected at the pool's boundary: no real ``give`` raises on demand.
+    """
+    engine = make_engine(max_inflight_bytes=4096)
+
+    def give(buffer: torch.Tensor, *, pin_memory: bool) -> None:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(engine._staging, "give", give)
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    engine._entry(handle).write.wait()
+    written(engine)  # a reservation kept would have every later store wait forever
+    again = engine.store(t)
+    assert torch.equal(engine.wait(again), t)
+
+
+def test_a_write_leaves_writing_once_it_is_on_disk(make_engine) -> None:
+    engine = make_engine()
+    gate = block_io_thread(engine)
+    t = torch.randn(1024)
+    handle = engine.store(t)
+    entry = engine._entry(handle)
+    assert entry.state is WriteState.WRITING and entry.staging is not None
+    gate.set()
+    written(engine)
+    assert entry.state is WriteState.WRITTEN and entry.staging is None
+    assert torch.equal(engine.wait(handle), t)
+
+
+def test_stats_count_the_io_threads_cpu_time(make_engine) -> None:
+    engine = make_engine(chunk_bytes=1 << 16)
+    before = fxoffload.stats()
+    t = torch.randn(1 << 20)  # 4 MiB: 64 chunks each way, checksummed
+    handle = engine.store(t)
+    written(engine)
+    engine.prefetch(handle)
+    assert torch.equal(engine.wait(handle), t)
+    assert delta(before, "io_cpu_ns") > 0
+    assert fxoffload.stats().as_dict()["io_cpu_ns"] == fxoffload.stats().io_cpu_ns

@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 from engine_helpers import slots_freed
+from subprocess_scripts import TINY_TRAINING_STEP, run_python
 from test_training import SDPATransformerBlock
 
 import fxoffload
-from fxoffload.runtime import engines, probe
+from fxoffload.runtime import Engine, close_all, engines, probe
+from fxoffload.runtime.private_dir import make_private_dir
 
 
 class Blocks(torch.nn.Module):
@@ -213,7 +215,39 @@ def test_two_models_share_one_engine(tmp_path) -> None:
     one_model = stored_since(before)
     (a(batch()) + b(batch())).backward()
     assert stored_since(before) == 3 * one_model > 0
-    assert len([e for e in engines() if Path(e.root) == tmp_path]) == 1
+    assert len(engines_in(tmp_path)) == 1
+    assert_nothing_held(tmp_path)
+
+
+def engines_in(offload_dir: Path) -> list[Engine]:
+    return [e for e in engines() if Path(e.root) == offload_dir]
+
+
+def test_a_compiled_graph_finds_its_engine_after_close_all(tmp_path) -> None:
+    """The graph names its engine's settings: the one made after ``close_all`` has them."""
+    model = compiled(Blocks(), tmp_path, io_threads=1, verify=False, on_io_error="raise")
+    model(batch()).backward()
+    close_all()
+    model(batch()).backward()
+    (engine,) = engines_in(tmp_path)
+    assert (engine.config.io_threads, engine.config.verify, engine.config.on_io_error) == (
+        1,
+        False,
+        "raise",
+    )
+
+
+def test_other_io_settings_on_one_directory_get_an_engine_of_their_own(tmp_path) -> None:
+    a = compiled(Blocks(), tmp_path, io_threads=1)
+    b = compiled(Blocks(), tmp_path, io_threads=2, chunk_bytes=64 << 10)
+    before = fxoffload.stats()
+    (a(batch()) + b(batch())).backward()
+    found = sorted(engines_in(tmp_path), key=lambda e: e.config.io_threads)
+    assert [(e.config.io_threads, e.config.chunk_bytes) for e in found] == [
+        (1, 8 << 20),
+        (2, 64 << 10),
+    ]
+    assert all(e.file.size > 0 for e in found) and stored_since(before) > 0
     assert_nothing_held(tmp_path)
 
 
@@ -392,21 +426,28 @@ def test_two_processes_share_an_offload_dir(tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+KILLED_AFTER_A_STEP = (
+    TINY_TRAINING_STEP
+    + """
+import os, signal
+from fxoffload.runtime import engines
+print(engines()[0].directory, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+)
+
+
 def test_stale_directories_of_dead_processes_are_removed(tmp_path) -> None:
-    dead = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        text=True,
-        capture_output=True,
-        check=True,
-    )
-    stale = tmp_path / f"fxoffload-{dead.stdout.strip()}-abc123"
-    live = tmp_path / f"fxoffload-{os.getppid()}-def456"
-    for d in (stale, live):
-        d.mkdir()
-        (d / "offload.bin").write_bytes(b"x")
-    compiled(Blocks(), tmp_path)(batch()).backward()
-    assert not stale.exists()
-    assert live.exists()
+    live = make_private_dir(str(tmp_path))
+    killed = run_python(KILLED_AFTER_A_STEP, str(tmp_path))
+    stale = Path(killed.stdout.strip())
+    try:
+        assert stale.exists()
+        compiled(Blocks(), tmp_path)(batch()).backward()
+        assert not stale.exists()
+        assert Path(live.path).exists()
+    finally:
+        live.remove()
 
 
 # -- a long run -----------------------------------------------------------------------
@@ -442,7 +483,7 @@ def test_soak_resources_stay_flat(tmp_path) -> None:
             )
     assert len(set(samples)) == 1, set(samples)
     fds, files, in_use, _ = samples[-1]
-    assert files == 1 and in_use == 0
+    assert files == 2 and in_use == 0  # the offload file and the lock file
 
 
 class Attention(torch.nn.Module):
@@ -498,3 +539,13 @@ def test_dynamic_shapes_two_lengths_one_compile(tmp_path, compiler, model, size)
     assert stored_since(before) > 0
     assert_equal(*results)
     assert_nothing_held(tmp_path)
+
+
+def test_backward_after_its_engine_closed_says_so(tmp_path) -> None:
+    """The compiled backward's prefetch gives the error a store would."""
+    model = compiled(Blocks(), tmp_path)
+    loss = model(batch())
+    for engine in engines_in(tmp_path):
+        engine.close()
+    with pytest.raises(RuntimeError, match=r"fxoffload engine for '.*' is closed"):
+        loss.backward()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import pathlib
+import re
 import tempfile
 
 import pytest
 import torch
+from subprocess_scripts import run_python
 
-from fxoffload import Options
+from fxoffload import Options, config
+from fxoffload.options import OPTION_NAMES
+from fxoffload.runtime import EngineConfig
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
 def compile_and_run(options: dict) -> None:
@@ -54,16 +61,56 @@ def test_unusable_offload_dir_fails_at_compile_time(tmp_path) -> None:
         compile_and_run({"offload_dir": str(a_file), "compiler": "aot_eager"})
 
 
-def test_defaults(monkeypatch, tmp_path) -> None:
-    monkeypatch.setenv("FXOFFLOAD_DIR", str(tmp_path))
+def test_defaults() -> None:
     options = Options.from_dict(None)
-    assert options.offload_dir == str(tmp_path)
     assert (options.policy, options.min_bytes, options.compiler) == (
         "adaptive",
         1 << 20,
         "inductor",
     )
-    assert Options.from_dict({"offload_dir": None}).offload_dir == str(tmp_path)
-    monkeypatch.delenv("FXOFFLOAD_DIR")
-    assert Options().offload_dir == tempfile.gettempdir()
-    assert Options.from_dict({"offload_dir": None}).offload_dir == tempfile.gettempdir()
+
+
+OFFLOAD_DIR_DEFAULTS = """
+from fxoffload import Options
+print(Options().offload_dir, Options.from_dict({"offload_dir": None}).offload_dir)
+"""
+
+
+def test_offload_dir_is_fxoffload_dir_else_the_temp_dir(monkeypatch, tmp_path) -> None:
+    """``FXOFFLOAD_DIR`` goes through the config module's environment support, read at import."""
+    assert (
+        run_python(OFFLOAD_DIR_DEFAULTS, FXOFFLOAD_DIR=str(tmp_path)).stdout.split()
+        == [str(tmp_path)] * 2
+    )
+    monkeypatch.delenv("FXOFFLOAD_DIR", raising=False)
+    assert run_python(OFFLOAD_DIR_DEFAULTS).stdout.split() == [tempfile.gettempdir()] * 2
+
+
+def test_engine_config_checks_its_values_as_options_do() -> None:
+    with pytest.raises(ValueError, match="'chunk_bytes' must be a multiple of 4096; got 5000"):
+        EngineConfig(chunk_bytes=5000)
+
+
+def readme_options_table() -> dict[str, str]:
+    """The README's options table: each option's name and its default, as written."""
+    section = README.read_text().split("\n## Options\n")[1].split("\n## ")[0]
+    table = {}
+    for names, default in re.findall(r"^\| ([^|]+) \| ([^|]+) \|", section, re.M):
+        for name in re.findall(r"`(\w+)`", names):
+            table[name] = default.strip()
+    return table
+
+
+def as_readme_writes_it(name: str, value: object) -> str:
+    if name == "offload_dir":
+        return "`$FXOFFLOAD_DIR`, else the system temp dir"
+    if value is None:
+        return "measured"
+    return f'`"{value}"`' if isinstance(value, str) else f"`{value}`"
+
+
+def test_readme_lists_every_option_with_its_default() -> None:
+    defaults = {name: getattr(config, name) for name in OPTION_NAMES}
+    assert readme_options_table() == {
+        name: as_readme_writes_it(name, value) for name, value in defaults.items()
+    }

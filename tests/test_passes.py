@@ -171,7 +171,7 @@ def forward(self, primals_1, primals_2, primals_3, primals_4, primals_5):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
     relu = torch.ops.aten.relu.default(addmm);  addmm = None
-    relu_handle = torch.ops.ssdtrain.store.default(relu, '<dir>', [0, 1])
+    relu_handle = torch.ops.ssdtrain.store.default(relu, '{"offload_dir": "<dir>", "io_threads": 4, "chunk_bytes": 8388608, "max_inflight_bytes": 1073741824, "io_mode": "auto", "verify": true, "on_io_error": "keep", "staging_pool_bytes": 134217728}', [0, 1])
     t_1 = torch.ops.aten.t.default(primals_4)
     addmm_1 = torch.ops.aten.addmm.default(primals_5, relu, t_1);  primals_5 = relu = t_1 = None
     sum_1 = torch.ops.aten.sum.default(addmm_1);  addmm_1 = None
@@ -214,11 +214,11 @@ def forward(self, primals_1, primals_2, primals_3):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
     relu = torch.ops.aten.relu.default(addmm);  addmm = None
-    relu_handle = torch.ops.ssdtrain.store.default(relu, '<dir>', [0, 1])
+    relu_handle = torch.ops.ssdtrain.store.default(relu, '{"offload_dir": "<dir>", "io_threads": 4, "chunk_bytes": 8388608, "max_inflight_bytes": 1073741824, "io_mode": "auto", "verify": true, "on_io_error": "keep", "staging_pool_bytes": 134217728}', [0, 1])
     view = torch.ops.aten.view.default(relu, [2, 4, 32]);  relu = None
     transpose = torch.ops.aten.transpose.int(view, 1, 2);  view = None
     sin = torch.ops.aten.sin.default(transpose)
-    sin_handle = torch.ops.ssdtrain.store.default(sin, '<dir>', [0, 2, 1])
+    sin_handle = torch.ops.ssdtrain.store.default(sin, '{"offload_dir": "<dir>", "io_threads": 4, "chunk_bytes": 8388608, "max_inflight_bytes": 1073741824, "io_mode": "auto", "verify": true, "on_io_error": "keep", "staging_pool_bytes": 134217728}', [0, 2, 1])
     transpose_1 = torch.ops.aten.transpose.int(transpose, 1, 2);  transpose = None
     expand = torch.ops.aten.expand.default(sin, [2, 32, 4]);  sin = None
     view_1 = torch.ops.aten.view.default(expand, [2, 32, 4]);  expand = None
@@ -279,7 +279,7 @@ def forward(self, primals_1, primals_2, primals_3):
     t = torch.ops.aten.t.default(primals_1);  primals_1 = None
     addmm = torch.ops.aten.addmm.default(primals_2, primals_3, t);  primals_2 = t = None
     tanh = torch.ops.aten.tanh.default(addmm);  addmm = None
-    tanh_handle = torch.ops.ssdtrain.store.default(tanh, '<dir>', [0, 1])
+    tanh_handle = torch.ops.ssdtrain.store.default(tanh, '{"offload_dir": "<dir>", "io_threads": 4, "chunk_bytes": 8388608, "max_inflight_bytes": 1073741824, "io_mode": "auto", "verify": true, "on_io_error": "keep", "staging_pool_bytes": 134217728}', [0, 1])
     mul = torch.ops.aten.mul.Tensor(tanh, tanh);  tanh = None
     sum_1 = torch.ops.aten.sum.default(mul);  mul = None
     return (sum_1, primals_3, tanh_handle)""",
@@ -668,3 +668,25 @@ def test_an_empty_saved_value_is_kept(tmp_path) -> None:
         assert offloaded == none
     else:
         assert all(torch.equal(a, b) for a, b in zip(none, offloaded, strict=True))
+
+
+class ScaledByKeyword(torch.nn.Module):
+    """A forward with a keyword-only input, as Hugging Face models take ``labels=``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor, *, scale: torch.Tensor) -> torch.Tensor:
+        return (torch.relu(self.linear(x)) * scale).sum()
+
+
+def test_explain_takes_keyword_inputs(tmp_path) -> None:
+    options = {"compiler": "aot_eager", "policy": "all", "min_bytes": 0}
+    e = fxoffload.explain(
+        ScaledByKeyword(),
+        torch.randn(8, 32),
+        scale=torch.tensor(2.0),
+        options={**options, "offload_dir": str(tmp_path)},
+    )
+    assert "relu" in [d.name for d in e.decisions if d.offload]

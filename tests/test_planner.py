@@ -245,7 +245,7 @@ class TestProfile:
         opts = Options(
             **options(str(tmp_path), cost_model="profile", memory_budget=0.0, **slow_disk)
         )
-        engine = engine_for(opts.offload_dir, opts.engine_config())
+        engine = engine_for(opts.offload_dir, EngineConfig(**opts.io_settings))
         partitioner = OffloadPartitioner(opts, device_costs(opts, engine, torch.device("cpu")))
         graphs: list[fx.GraphModule] = []
 
@@ -294,7 +294,7 @@ def backward_graph(
     model: torch.nn.Module, x: torch.Tensor, opts: Options
 ) -> tuple[fx.GraphModule, DeviceCosts]:
     """Compile ``model`` with our partitioner and return the backward graph it made."""
-    engine = engine_for(opts.offload_dir, opts.engine_config())
+    engine = engine_for(opts.offload_dir, EngineConfig(**opts.io_settings))
     costs = device_costs(opts, engine, x.device)
     graphs: list[fx.GraphModule] = []
 
@@ -481,10 +481,11 @@ def test_the_scheduler_reads_where_the_plan_did(tmp_path) -> None:
 
 
 def test_plans_with_the_settings_of_the_engine_it_runs_on(tmp_path) -> None:
-    """The first compile on a directory sets its engine up; a later compile with other
-    I/O options shares that engine, and must plan with what it enforces."""
-    engine_for(str(tmp_path), EngineConfig(max_inflight_bytes=100_000))
-    e = fxoffload.explain(LayerStack(), torch.randn(64, 256), options=options(str(tmp_path)))
+    """A compile runs on, and plans with, the engine of its own I/O options, even where an
+    engine with other settings was made on the directory before."""
+    engine_for(str(tmp_path), EngineConfig())
+    opts = options(str(tmp_path), max_inflight_bytes=100_000)
+    e = fxoffload.explain(LayerStack(), torch.randn(64, 256), options=opts)
     waits = [d for d in activations(e) if "max_inflight_bytes=100000" in d.reason]
     assert waits, str(e)
 

@@ -19,7 +19,7 @@ from test_planner import Conv1DStack, LayerStack
 import fxoffload
 from fxoffload.hardware import PRESETS, Hardware, preset
 from fxoffload.passes import SavedKind
-from fxoffload.simulate import drive_wear
+from fxoffload.simulation import drive_wear
 
 pytestmark = pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled:UserWarning")
 

@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from fxoffload.runtime.offload_file import OffloadFile
 from fxoffload.runtime.slots import SlotAllocator
 
 
@@ -62,3 +63,23 @@ def test_random_allocate_free_never_overlaps() -> None:
 def test_alignment_must_be_a_power_of_two() -> None:
     with pytest.raises(ValueError, match="power of two"):
         SlotAllocator(alignment=3000)
+
+
+def test_a_growth_the_disk_refused_is_undone(tiny_tmpfs) -> None:
+    """A failed ``posix_fallocate`` leaves the file as it was, its slots still usable.
+
+    Kept grown, the allocator would make every later allocation, even one
+    that fits in the file, ask the full disk for the whole growth again.
+    """
+    file = OffloadFile(str(tiny_tmpfs), direct=False)
+    try:
+        slots = []
+        with pytest.raises(OSError):
+            while True:  # the file doubles until the disk is full
+                slots.append(file.allocate(4096))
+        size = file.size
+        file.free(slots.pop(0))
+        slot = file.allocate(4096)  # fits in the file as it is
+        assert slot.offset + slot.length <= size == file.size
+    finally:
+        file.close()

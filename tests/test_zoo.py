@@ -68,6 +68,7 @@ from zoo_models import (
 )
 
 from fxoffload.runtime import close_all, engines
+from fxoffload.runtime.private_dir import LOCK_NAME
 
 STEPS = 3
 DIM = 64
@@ -372,12 +373,14 @@ PARAMS = [pytest.param(name, "aot_eager", id=f"{name}-aot_eager") for name in CA
 
 
 def assert_nothing_left(offload_dir: Path) -> None:
-    """The engine holds no slot, its private directory holds only its file,
-    and closing it (as at exit) removes that directory."""
+    """The engine holds no slot, its private directory holds only its file (and the
+    lock that says it lives), and closing it (as at exit) removes that directory."""
     (engine,) = [e for e in engines() if Path(e.root).resolve() == offload_dir.resolve()]
     assert engine.live_entries() == 0
     slots_freed(engine)
-    assert os.listdir(engine.directory) == [os.path.basename(engine.file.path)]
+    assert sorted(os.listdir(engine.directory)) == sorted(
+        [os.path.basename(engine.file.path), LOCK_NAME]
+    )
     close_all()
     assert not os.path.exists(engine.directory)
 

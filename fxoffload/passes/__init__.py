@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
+from fxoffload import ops
 from fxoffload.options import Options
 from fxoffload.passes.costs import DeviceCosts
 from fxoffload.passes.plan import plan_stores, select_candidates
@@ -64,9 +65,8 @@ def offload_saved_activations(
         return planned
     # Step 5: store in forward, wait in backward.
     records = {v.name: v for v in planned}
-    insert_store_ops(
-        fw_gm, stores, records, num_fwd_outputs=num_fwd_outputs, offload_dir=options.offload_dir
-    )
+    engine = ops.engine_key(options.offload_dir, options.io_settings)
+    insert_store_ops(fw_gm, stores, records, num_fwd_outputs=num_fwd_outputs, engine=engine)
     insert_wait_ops(bw_gm, stores, records)
     erase_unused_views(fw_gm, stores)
     # Step 6: issue each read as late as the timeline the plan used allows.

@@ -26,7 +26,7 @@ def insert_store_ops(
     records: dict[str, SavedValue],
     *,
     num_fwd_outputs: int,
-    offload_dir: str,
+    engine: str,
 ) -> None:
     graph = fw_gm.graph
     nodes = {n.name: n for n in graph.nodes}
@@ -39,11 +39,11 @@ def insert_store_ops(
             handle = graph.create_node(
                 "call_function",
                 ops.store,
-                (node, offload_dir, order),
+                (node, engine, order),
                 name=f"{node.name}_handle",
             )
         with val.fake_mode:
-            handle.meta["val"] = ops.store(val, offload_dir, order)
+            handle.meta["val"] = ops.store(val, engine, order)
         handle.meta[META_KEY] = records[store.value]
         handles.update((nodes[m], handle) for m in store.members)
 

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from fxoffload._compat import run_and_save_rng_state, size_hint
+from fxoffload._compat import OpOverload, run_and_save_rng_state, size_hint
 
 META_KEY = "fxoffload"
 """``node.meta`` key holding a node's :class:`SavedValue` (forward and backward)."""
@@ -267,7 +267,7 @@ def _as_strided_user(node: fx.Node) -> fx.Node | None:
 def is_view(node: fx.Node) -> bool:
     """Whether ``node`` is a view op (its output shares its first argument's memory)."""
     target = node.target
-    return isinstance(target, torch._ops.OpOverload) and target.is_view
+    return isinstance(target, OpOverload) and target.is_view
 
 
 def tensor_nbytes(val: torch.Tensor) -> int:

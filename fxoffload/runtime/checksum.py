@@ -1,13 +1,11 @@
 """Chunk checksums: how ``wait`` tells a changed offload file from the bytes it wrote.
 
 The checksum runs on an I/O thread for every byte written and read, and on a
-machine without cores to spare its CPU time is taken from training. CRC-32
-(``zlib``) ran at 2.5-4 GB/s on the two-core development machine and cost an
-adaptive training step of the benchmark GPT about 0.15 of its time. This
-one does the per-byte work as a vectorised torch reduction (11-15 GB/s
-there): the 64-bit XOR of the words of each 4 KiB block (``hash_tensor``),
-then CRC-32 over those block digests, 1/512 of the bytes, so that the order
-of the blocks counts.
+machine without cores to spare its CPU time is taken from training, so the
+per-byte work is a vectorised torch reduction rather than CRC-32 over every
+byte: the 64-bit XOR of the words of each 4 KiB block (``hash_tensor``), then
+CRC-32 over those block digests, 1/512 of the bytes, so that the order of the
+blocks counts.
 
 What it catches: a block overwritten, zeroed, lost or moved (the faults of a
 file changed under us, which come in whole blocks), and any change confined

@@ -8,18 +8,16 @@ Usable without any compiler::
     t2 = engine.wait(h)      # t2 has t's shape, strides and bytes
 
 ``store`` copies the tensor into an aligned staging buffer the engine owns
-before it returns. That copy is what makes the engine safe under a compiler:
-inductor reuses an intermediate's memory for later buffers as soon as the
-graph stops using it, so the engine may not write from the caller's memory
-after ``store`` returns. On CUDA the copy to pinned memory is queued on the
-caller's stream for the same reason: later kernels on that stream may reuse
-the memory, and stream order puts them after the copy. A staging buffer is
-dropped as soon as its write completes, which is where the memory saving
-comes from; ``max_inflight_bytes`` bounds how many bytes wait to be written.
+before it returns (``host_staging.py``). That copy is what makes the engine
+safe under a compiler: inductor reuses an intermediate's memory for later
+buffers as soon as the graph stops using it, so the engine may not write from
+the caller's memory after ``store`` returns. A staging buffer is dropped as
+soon as its write completes, which is where the memory saving comes from;
+``max_inflight_bytes`` bounds how many bytes wait to be written.
 
-Each tensor is split into chunks written and read by several threads at
-positional offsets of one preallocated file (``offload_file.py``), with
-direct I/O where the file system allows it.
+Each tensor is split into chunks written and read by several threads
+(``transfers.py``) at positional offsets of one preallocated file
+(``offload_file.py``), with direct I/O where the file system allows it.
 
 An entry lives until every handle to it dies (see ``handles.py``); only then
 is its slot freed, so a retained graph can be waited on any number of times.
@@ -28,114 +26,62 @@ is its slot freed, so a retained graph can be waited on any number of times.
 from __future__ import annotations
 
 import dataclasses
-import errno
+import enum
 import itertools
 import shutil
 import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from fxoffload import config
+from fxoffload.options import IO_OPTIONS, check_fields, config_fields
 from fxoffload.runtime import private_dir, stats
-from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.handles import handle_id, make_handle
+from fxoffload.runtime.host_staging import HostStaging, PageableStaging, PinnedStaging, view_as
 from fxoffload.runtime.locks import RuntimeLock
-from fxoffload.runtime.offload_file import OffloadFile, as_memoryview
+from fxoffload.runtime.offload_file import OffloadFile
 from fxoffload.runtime.slots import Slot
 from fxoffload.runtime.staging import StagingPool
+from fxoffload.runtime.transfers import ChunkedFile, Transfer
 
 _entry_ids = itertools.count(1)
 
 
-def _default(name: str):
-    return dataclasses.field(default_factory=lambda: getattr(config, name))
+EngineConfig = dataclasses.make_dataclass(
+    "EngineConfig",
+    config_fields(IO_OPTIONS),
+    frozen=True,
+    namespace={
+        "__doc__": "How an engine does I/O: the I/O options of ``fxoffload.config``, which "
+        "documents each and holds its default, checked as ``Options`` checks them.",
+        "__post_init__": check_fields,
+        "__module__": __name__,
+    },
+)
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """How an engine does I/O; defaults and meanings in ``fxoffload.config``."""
+class WriteState(enum.Enum):
+    """Where an entry's write is; it leaves WRITING once, in ``Engine._finish_write``."""
 
-    io_threads: int = _default("io_threads")
-    chunk_bytes: int = _default("chunk_bytes")
-    max_inflight_bytes: int = _default("max_inflight_bytes")
-    io_mode: str = _default("io_mode")
-    verify: bool = _default("verify")
-    on_io_error: str = _default("on_io_error")
-    staging_pool_bytes: int = _default("staging_pool_bytes")
-
-
-class _Transfer:
-    """The chunk jobs of one write or read; ``on_done`` runs once, after the last.
-
-    It holds ``buffer``, the memory its chunks read from or write into: their
-    views are raw addresses that keep nothing alive, and every queued or
-    running chunk holds the transfer, so the buffer outlives the last chunk
-    even when its entry is released mid-transfer. A write lets go of it after
-    the last chunk (``drop_buffer``): the entry keeps its transfer until the
-    handle dies, and holding the staging copy that long would undo the very
-    memory saving offloading is for. A read keeps it: it is what ``wait``
-    returns.
-    """
-
-    def __init__(
-        self,
-        n_chunks: int,
-        on_done: Callable[[BaseException | None], None],
-        buffer: torch.Tensor | None = None,
-        *,
-        drop_buffer: bool = False,
-    ) -> None:
-        self.buffer = buffer
-        self._drop_buffer = drop_buffer
-        self._remaining = n_chunks
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._on_done = on_done
-        self.futures: list[Future[None]] = []
-
-    def chunk_done(self, error: BaseException | None = None) -> None:
-        with self._lock:
-            self._remaining -= 1
-            if error is not None and self._error is None:
-                # Kept without its traceback: the frames it holds reach back into
-                # the compiled graph's locals, whose handles would never be freed.
-                self._error = error.with_traceback(None)
-            last = self._remaining == 0
-        if last:
-            if self._drop_buffer:
-                self.buffer = None
-            # Dropped once called: it refers to the entry that holds this transfer,
-            # and without that cycle an entry dies with its handle, not at a collection.
-            on_done, self._on_done = self._on_done, None
-            try:
-                on_done(self._error)
-            finally:
-                self._done.set()
-
-    def cancel(self) -> None:
-        """Cancel the chunks not started yet (each counts as done)."""
-        for f in self.futures:
-            if f.cancel():
-                self.chunk_done()
-
-    def wait(self) -> BaseException | None:
-        """Block until the last chunk settled; time spent blocked counts as a stall in stats."""
-        if not self._done.is_set():
-            started = time.perf_counter_ns()
-            self._done.wait()
-            stats.add("wait_stalls")
-            stats.add("wait_stall_ns", time.perf_counter_ns() - started)
-        return self._error
+    WRITING = "writing"
+    """Chunks queued or running; the staging copy holds the bytes (and forwards them)."""
+    WRITTEN = "written"
+    """On disk: every chunk written, or cancelled because the handle died first."""
+    FAILED = "failed"
+    """Not on disk; the staging copy, kept for good, is the only one (``write_error`` says why)."""
 
 
 @dataclasses.dataclass(eq=False)
 class _Entry:
-    """One stored tensor: its layout, its slot, and what is in flight."""
+    """One stored tensor: its layout, its slot, its write's state and what is in flight.
+
+    Fields change under the engine lock. ``staging`` is held while WRITING
+    (unless a forwarding wait took it), dropped or pooled once WRITTEN, kept
+    when FAILED; ``read`` is the read in flight, if any (only once WRITTEN).
+    """
 
     id: int
     shape: tuple[int, ...]
@@ -143,19 +89,21 @@ class _Entry:
     dtype: torch.dtype
     device: torch.device
     nbytes: int
+    host: HostStaging
+    """How the bytes are staged in host memory and restored (by the device's kind)."""
     slot: Slot | None = None
     staging: torch.Tensor | None = None
     """The engine's aligned copy (uint8), kept until the write succeeds (forever if it failed)."""
     copied: torch.cuda.Event | None = None
-    """CUDA: recorded on the caller's stream after the copy into ``staging``."""
+    """Marks the copy into ``staging`` done, where it is queued (CUDA: on the caller's stream)."""
     staging_shared: bool = False
     """CUDA: a device copy was made from ``staging`` before its write ended; never pool it."""
-    write: _Transfer | None = None
-    written: bool = False
-    """The write settled (all chunks done or cancelled); set under the engine lock."""
+    write: Transfer | None = None
+    state: WriteState = WriteState.WRITING
     write_error: BaseException | None = None
-    read: _Transfer | None = None
+    read: Transfer | None = None
     released: bool = False
+    """The handle died: the slot is freed as soon as nothing is writing it."""
     checksums: list[int] = dataclasses.field(default_factory=list)
     """The checksum of each written chunk (``checksum.py``), when verifying."""
 
@@ -171,23 +119,31 @@ class Engine:
     def __init__(self, root: str, config: EngineConfig | None = None) -> None:
         self.root = root
         self.config = config or EngineConfig()
-        self.directory = private_dir.make_private_dir(root)
+        self._private_dir = private_dir.make_private_dir(root)
+        self.directory = self._private_dir.path
         direct = {"auto": None, "direct": True, "buffered": False}[self.config.io_mode]
         try:
             self.file = OffloadFile(self.directory, direct=direct)
         except OSError as e:
-            private_dir.remove_private_dir(self.directory)
+            self._private_dir.remove()
             raise ValueError(
                 f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
             ) from e
         self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
+        self._chunked = ChunkedFile(
+            self.file, self._pool, self.config.chunk_bytes, verify=self.config.verify
+        )
         self._staging = StagingPool(self.config.staging_pool_bytes)
+        self._pageable = PageableStaging(self._staging)
+        self._pinned = PinnedStaging(self._staging)
         self._lock = RuntimeLock()  # see locks.py: a handle's finalizer takes it
         self._inflight_changed = threading.Condition(self._lock)
         self._inflight = 0
         self._entries: dict[int, _Entry] = {}
         self._warned = False
         self._closed = False
+        self._live_at_close: frozenset[int] = frozenset()
+        """Entries whose handles outlived the engine: found, to be told it is closed."""
 
     # -- the three operations -------------------------------------------------
 
@@ -204,20 +160,15 @@ class Engine:
         passes to find, in the graph.
         """
         if self._closed:
-            raise RuntimeError(f"fxoffload engine for {self.root!r} is closed")
+            raise self._closed_error()
         order = tuple(dim_order) if dim_order is not None else tuple(t.dim_order())
 
         nbytes = t.numel() * t.element_size()
         self._reserve_inflight(nbytes)
         entry = None
         try:
-            buffer = self._staging.take(nbytes, pin_memory=t.is_cuda)
-            staging = _view_as(buffer, t.shape, order, t.dtype)
-            staging.copy_(t, non_blocking=t.is_cuda)
-            copied = None
-            if t.is_cuda:
-                copied = torch.cuda.Event(blocking=True)  # I/O threads sleep in synchronize()
-                copied.record(torch.cuda.current_stream(t.device))  # where copy_ ran
+            host = self._pinned if t.is_cuda else self._pageable
+            buffer, copied = host.copy_in(t, order)
             entry = _Entry(
                 id=next(_entry_ids),
                 shape=tuple(t.shape),
@@ -225,6 +176,7 @@ class Engine:
                 dtype=t.dtype,
                 device=t.device,
                 nbytes=nbytes,
+                host=host,
                 staging=buffer,
                 copied=copied,
             )
@@ -240,11 +192,14 @@ class Engine:
     def prefetch(self, handle: torch.Tensor) -> None:
         """Start reading the tensor back, unless it is still in memory or already read."""
         entry = self._entry(handle)
+        read = None
         with self._lock:
             # Before the write settles the bytes are in memory (and a read
             # could overtake the write of its own slot).
-            if entry.written and entry.write_error is None and entry.read is None:
-                self._start_read(entry)
+            if entry.state is WriteState.WRITTEN and entry.read is None:
+                read = self._claim_read(entry)
+        if read is not None:
+            self._start_read(entry, *read)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         """Return the stored tensor, on its original device and with its layout.
@@ -257,79 +212,81 @@ class Engine:
         """
         entry = self._entry(handle)
         assert entry.write is not None
-        if entry.device.type == "cuda":
-            with self._lock:  # a write that failed under on_io_error="raise" raises below
-                usable = entry.write_error is None or self.config.on_io_error == "keep"
-                staging = entry.staging if usable else None
+        if entry.host.copies_out:
+            with self._lock:
+                failed = entry.state is WriteState.FAILED
+            if failed:
+                self._check_keep(entry)  # a failed write under on_io_error="raise" raises
+            with self._lock:
+                staging = entry.staging
                 entry.staging_shared |= staging is not None
             if staging is not None:
                 return self._forward_to_device(entry, staging)
         with self._lock:
-            claimed = entry.staging if not entry.written else None
+            claimed = entry.staging if entry.state is WriteState.WRITING else None
             entry.staging = None if claimed is not None else entry.staging
         if claimed is not None:
             # Forwarding: this waiter alone gets the engine's copy, once written.
             entry.write.wait()
             with self._lock:
-                failed = entry.write_error is not None
+                failed = entry.state is WriteState.FAILED
                 if failed:
                     entry.staging = claimed
-            if failed and self.config.on_io_error == "raise":
-                assert entry.write_error is not None
-                raise self._io_error("could not write", entry, entry.write_error)
-            out = _view_as(claimed.clone() if failed else claimed, *self._layout(entry))
-            stats.add("tensors_forwarded")
+            if failed:
+                out = self._kept_copy(entry, claimed)
+            else:
+                out = view_as(claimed, *self._layout(entry))
+                stats.add("tensors_forwarded")
         else:
             out = self._wait_written(entry)
-        if entry.device.type != "cpu":
-            return out.to(entry.device, non_blocking=True)
-        return out
+        return entry.host.to_device(out, entry.device)
 
     def _forward_to_device(self, entry: _Entry, staging: torch.Tensor) -> torch.Tensor:
-        """A device copy of the pinned staging bytes, without waiting for their write.
+        """A device copy of the pinned staging bytes, queued after the store's copy into them.
 
-        Also the way back for a tensor whose write failed (``on_io_error="keep"``):
-        the copy into its buffer may still be queued when the write fails
-        before any chunk waited for it (no room for a slot), so only a wait on
-        ``copied`` makes its bytes safe to read.
-
-        On the CPU the staging buffer itself becomes the restored tensor, which
-        backward may overwrite, so forwarding there waits until it is on disk.
-        A device copy leaves the buffer untouched: the write goes on from it
-        meanwhile. On a GPU that matters: the host runs ahead of the device, so
-        backward's ``wait`` is often called before a write that only started
-        once the device reached the store's copy. (On the H200 benchmark,
-        before this path, backward blocked 22-25 ms per step, about the time
-        its 40 MiB of writes took.) The copy is queued on the current stream
-        after the store's copy into the buffer (``copied``); a buffer used so is
-        left to the caching host allocator, which tracks that copy, not pooled.
+        It leaves the buffer untouched, so it need not wait for the write (the
+        host runs ahead of the device: backward often waits before the write
+        could start); the buffer then goes to the caching host allocator,
+        which tracks the copy, not to the pool. Also the way back after a
+        failed write under ``on_io_error="keep"``.
         """
-        assert entry.copied is not None
-        torch.cuda.current_stream(entry.device).wait_event(entry.copied)
+        assert isinstance(entry.host, PinnedStaging) and entry.copied is not None
         stats.add("tensors_forwarded")
-        return _view_as(staging, *self._layout(entry)).to(entry.device, non_blocking=True)
+        return entry.host.copy_out(
+            view_as(staging, *self._layout(entry)), entry.copied, entry.device
+        )
+
+    def _check_keep(self, entry: _Entry) -> None:
+        """Raise the failed write of ``entry`` unless ``on_io_error`` is "keep"."""
+        if self.config.on_io_error == "raise":
+            assert entry.write_error is not None
+            raise self._io_error("could not write", entry, entry.write_error)
+
+    def _kept_copy(self, entry: _Entry, kept: torch.Tensor) -> torch.Tensor:
+        """A FAILED entry's tensor: a copy of its kept staging bytes, the only ones there are."""
+        self._check_keep(entry)
+        stats.add("tensors_forwarded")
+        return view_as(kept.clone(), *self._layout(entry))
 
     def _wait_written(self, entry: _Entry) -> torch.Tensor:
         """The tensor of an entry whose staging copy someone else has, or that was dropped."""
         entry.write.wait()  # a read must never overtake the write of its slot
+        started = None
         with self._lock:
-            kept = entry.staging if entry.write_error is not None else None
+            kept = entry.staging if entry.state is WriteState.FAILED else None
             if kept is None and entry.read is None:
-                self._start_read(entry)
+                started = self._claim_read(entry)
             read = entry.read
             entry.read = None
-        if kept is not None and self.config.on_io_error == "raise":
-            assert entry.write_error is not None
-            raise self._io_error("could not write", entry, entry.write_error)
+        if started is not None:
+            self._start_read(entry, *started)
         if kept is not None:
-            # The write failed: the kept copy is the only one, hand out a copy of it.
-            stats.add("tensors_forwarded")
-            return _view_as(kept.clone(), *self._layout(entry))
+            return self._kept_copy(entry, kept)
         assert read is not None and read.buffer is not None
         error = read.wait()
         if error is not None:
             raise self._io_error("cannot read back", entry, error) from error
-        return _view_as(read.buffer, *self._layout(entry))
+        return view_as(read.buffer, *self._layout(entry))
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -351,7 +308,7 @@ class Engine:
 
     def owns(self, entry_id: int) -> bool:
         with self._lock:
-            return entry_id in self._entries
+            return entry_id in self._entries or entry_id in self._live_at_close
 
     def close(self) -> None:
         """Finish pending I/O and remove the private directory (idempotent).
@@ -364,11 +321,12 @@ class Engine:
             if self._closed:
                 return
             self._closed = True
+            self._live_at_close = frozenset(self._entries)
             self._entries.clear()
         self._pool.shutdown(wait=True)
         self._staging.clear()
         self.file.close()
-        private_dir.remove_private_dir(self.directory)
+        self._private_dir.remove()
 
     @staticmethod
     def _layout(entry: _Entry) -> tuple:
@@ -377,6 +335,8 @@ class Engine:
     def _entry(self, handle: torch.Tensor) -> _Entry:
         entry_id = handle_id(handle)
         with self._lock:
+            if self._closed:
+                raise self._closed_error()
             entry = self._entries.get(entry_id)
         if entry is None:
             raise RuntimeError(
@@ -401,58 +361,25 @@ class Engine:
 
     # -- I/O ---------------------------------------------------------------------
 
-    def _chunks(self, length: int) -> list[tuple[int, int]]:
-        step = self.config.chunk_bytes
-        return [(start, min(step, length - start)) for start in range(0, length, step)]
-
     def _start_write(self, entry: _Entry, buffer: torch.Tensor, copied) -> None:
         try:
             entry.slot = self.file.allocate(entry.nbytes)
         except OSError as err:
             if self.config.on_io_error == "raise":
                 raise self._io_error("no room for", entry, err) from err
-            entry.write = _Transfer(1, lambda e: self._finish_write(entry, e))
+            entry.write = Transfer(1, lambda e: self._finish_write(entry, e))
             entry.write.chunk_done(err)
             return
-        entry.checksums = [0] * len(self._chunks(entry.slot.length))
-        entry.write = self._submit_chunks(
-            entry,
-            buffer,
-            self._write_chunk,
+        slot = entry.slot
+        entry.checksums = [0] * self._chunked.n_chunks(slot)
+        entry.write = Transfer(
+            len(entry.checksums),
             lambda err: self._finish_write(entry, err),
-            copied,
+            buffer,
             drop_buffer=True,
         )
-
-    def _submit_chunks(
-        self, entry: _Entry, buffer: torch.Tensor, job, on_done, *extra, drop_buffer: bool = False
-    ) -> _Transfer:
-        """Queue ``job(transfer, entry, i, view, file_offset, *extra)`` per chunk of the slot."""
-        assert entry.slot is not None
-        data = as_memoryview(buffer)[: entry.slot.length]
-        chunks = self._chunks(len(data))
-        transfer = _Transfer(len(chunks), on_done, buffer, drop_buffer=drop_buffer)
-        for i, (start, length) in enumerate(chunks):
-            view = data[start : start + length]
-            transfer.futures.append(
-                self._pool.submit(job, transfer, entry, i, view, entry.slot.offset + start, *extra)
-            )
-        return transfer
-
-    def _write_chunk(
-        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int, copied
-    ) -> None:
-        try:
-            if copied is not None:
-                copied.synchronize()
-            self.file.write(view, offset)
-            if self.config.verify:
-                entry.checksums[i] = checksum(view)
-        except BaseException as err:  # reported through the transfer
-            transfer.chunk_done(err)
-            return
-        stats.add("bytes_written", len(view))
-        transfer.chunk_done()
+        ready = copied.synchronize if copied is not None else None
+        self._queue(self._chunked.write, entry.write, slot, entry.checksums, ready)
 
     def _forget(self, entry: _Entry | None, nbytes: int) -> None:
         """Undo a store that raised: no entry, and its reservation given back.
@@ -465,9 +392,12 @@ class Engine:
         with self._lock:
             if entry is not None:
                 self._entries.pop(entry.id, None)
-            if entry is None or not entry.written:
+            if entry is None or entry.state is WriteState.WRITING:
                 self._inflight -= nbytes
                 self._inflight_changed.notify_all()
+
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"fxoffload engine for {self.root!r} is closed")
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
         free = shutil.disk_usage(self.directory).free
@@ -480,7 +410,7 @@ class Engine:
     def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
         staging = None
         with self._lock:
-            entry.written = True
+            entry.state = WriteState.WRITTEN if error is None else WriteState.FAILED
             released = entry.released
             if error is not None:
                 entry.write_error = error
@@ -492,19 +422,18 @@ class Engine:
                 staging, entry.staging = entry.staging, None
                 if entry.staging_shared:  # a device copy may still be reading it
                     staging = None
-                elif entry.copied is not None and not entry.copied.query():
-                    # Cancelled before a chunk waited for the copy into it, which may
-                    # still be queued: the caching host allocator, which tracks that
-                    # copy, gets it back instead of a read that the copy would overwrite.
+                elif not entry.host.reusable(entry.copied):
                     staging = None
-        if staging is not None:
-            self._staging.give(staging, pin_memory=entry.device.type == "cuda")
-            del staging  # freed now unless the pool kept it: before the bytes count as written
-        with self._lock:
-            self._inflight -= entry.nbytes
-            self._inflight_changed.notify_all()
-        if released:
-            self._free_slot(entry)
+        try:
+            if staging is not None:
+                self._staging.give(staging, pin_memory=entry.host.pinned)
+                del staging  # freed now unless the pool kept it: before the bytes count as written
+        finally:  # whatever the pool raises, later stores must not wait for these bytes
+            with self._lock:
+                self._inflight -= entry.nbytes
+                self._inflight_changed.notify_all()
+            if released:
+                self._free_slot(entry)
         if error is not None:
             stats.add("io_errors")
             if warn:  # last: under -W error it raises, and nothing may be left undone
@@ -516,30 +445,30 @@ class Engine:
                     stacklevel=1,
                 )
 
-    def _start_read(self, entry: _Entry) -> None:
-        """Queue the chunk reads of ``entry`` (called with the lock held)."""
-        if entry.device.type == "cuda":
-            buffer = self._staging.take(entry.nbytes, pin_memory=True)
-        else:
-            buffer = self._staging.take_returning(entry.nbytes)
-        entry.read = self._submit_chunks(entry, buffer, self._read_chunk, lambda err: None)
+    def _claim_read(self, entry: _Entry) -> tuple[Transfer, Slot]:
+        """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held)."""
+        assert entry.slot is not None
+        entry.read = Transfer(self._chunked.n_chunks(entry.slot), lambda err: None)
+        return entry.read, entry.slot
 
-    def _read_chunk(
-        self, transfer: _Transfer, entry: _Entry, i: int, view: memoryview, offset: int
-    ) -> None:
+    def _start_read(self, entry: _Entry, read: Transfer, slot: Slot) -> None:
+        """Take a claimed read's buffer and queue its chunks, without the engine lock:
+        allocating faults pages in, which must not stall ``store`` and the I/O threads."""
         try:
-            self.file.read(view, offset)
-            if self.config.verify and checksum(view) != entry.checksums[i]:
-                raise OSError(
-                    errno.EIO,
-                    f"bytes {offset}-{offset + len(view)} differ from what was written "
-                    "(checksum mismatch): the file was changed",
-                )
+            read.buffer = entry.host.read_buffer(entry.nbytes)
         except BaseException as err:
-            transfer.chunk_done(err)
-            return
-        stats.add("bytes_read", len(view))
-        transfer.chunk_done()
+            read.settle(self._chunked.n_chunks(slot), err)
+            raise
+        self._queue(self._chunked.read, read, slot, entry.checksums)
+
+    def _queue(self, submit: Callable[..., None], *args: object) -> None:
+        """Queue a transfer's chunks; a pool shut down since the entry was found means closed."""
+        try:
+            submit(*args)
+        except RuntimeError as err:
+            if self._closed:
+                raise self._closed_error() from err
+            raise
 
     def _release(self, entry_id: int) -> None:
         """Called when a handle's storage dies, from whichever thread dropped it."""
@@ -551,7 +480,7 @@ class Engine:
             entry.released = True
             write, read = entry.write, entry.read
             entry.read = None
-            writing = not entry.written
+            writing = entry.state is WriteState.WRITING
             if not writing:
                 entry.staging = None
         if read is not None:
@@ -566,16 +495,3 @@ class Engine:
         if entry.slot is not None:
             self.file.free(entry.slot)
             entry.slot = None
-
-
-def _view_as(
-    buffer: torch.Tensor, shape: Sequence[int], dim_order: Sequence[int], dtype: torch.dtype
-) -> torch.Tensor:
-    """View the front of a uint8 buffer as a dense tensor with the given dim order."""
-    physical = [shape[d] for d in dim_order]
-    numel = 1
-    for s in physical:
-        numel *= s
-    flat = buffer[: numel * dtype.itemsize].view(dtype)
-    inverse = sorted(range(len(dim_order)), key=dim_order.__getitem__)
-    return flat.view(physical).permute(inverse)

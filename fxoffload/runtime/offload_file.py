@@ -45,15 +45,14 @@ def aligned_buffer(
 
     Unpinned buffers of ``HUGE_PAGE`` bytes and more ask for transparent huge
     pages (``MADV_HUGEPAGE``; many distributions give them only to memory
-    that asks). A fresh page costs a fault and a zeroing, and one 2 MiB
-    fault replaces 512 of 4 KiB: fresh memory faulted in at 11 GB/s instead
-    of 2.5-3.1 on the development machine. Where the kernel has none to
-    give, it falls back to small pages.
+    that asks): a fresh page costs a fault and a zeroing, and one 2 MiB fault
+    replaces 512 of 4 KiB. Where the kernel has none to give, it falls back
+    to small pages.
 
     ``populate`` faults every page in at once, for a buffer the calling
-    thread fills next: faulting pages in one by one during that copy made it
-    a third slower. A buffer the I/O threads read into is better left to fault
-    in there, in parallel.
+    thread fills next, which is faster than faulting them in one by one
+    during that copy. A buffer the I/O threads read into is better left to
+    fault in there, in parallel.
     """
     padded = -(-max(nbytes, 1) // ALIGNMENT) * ALIGNMENT
     if not pin_memory:
@@ -143,7 +142,11 @@ class OffloadFile:
             return self._allocator.in_use
 
     def allocate(self, nbytes: int) -> Slot:
-        """Reserve an aligned slot; grows (and fallocates) the file when needed."""
+        """Reserve an aligned slot; grows (and fallocates) the file when needed.
+
+        A growth the disk refuses is undone, so the slots the file already has
+        stay usable without asking the disk for that growth again.
+        """
         with self._lock:
             slot = self._allocator.allocate(nbytes)
             if self._allocator.capacity > self._size:
@@ -151,6 +154,7 @@ class OffloadFile:
                     os.posix_fallocate(self._fd, self._size, self._allocator.capacity - self._size)
                 except OSError:
                     self._allocator.free(slot)
+                    self._allocator.shrink(self._size)
                     raise
                 self._size = self._allocator.capacity
             return slot

@@ -1,4 +1,10 @@
-"""One engine per offload directory in this process, closed at exit."""
+"""The engines of this process, one per offload directory and I/O settings, closed at exit.
+
+An engine is what its directory and settings make it, so it is keyed by
+both: a compiled graph names them (``fxoffload.ops.engine_key``) and finds
+the same engine, or after :func:`close_all` a new one just like it; two
+compiles with other settings on one directory get engines of their own.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +14,38 @@ import threading
 
 import torch
 
+from fxoffload import ops
 from fxoffload.runtime import stats
 from fxoffload.runtime.engine import Engine, EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
-_engines: dict[str, Engine] = {}
+_engines: dict[tuple[str, EngineConfig], Engine] = {}
+_named: dict[str, Engine] = {}
+"""Engines by the key a graph names them with: a store looks its engine up once per key."""
 
 
 def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
-    """The engine for ``root``, created (and its directory checked) on first use.
-
-    ``config`` applies when the engine is created; later callers share it.
-    """
-    key = os.path.realpath(root)
+    """The engine for ``root`` with ``config``, created (and its directory checked) on first use."""
+    config = config or EngineConfig()
+    key = (os.path.realpath(root), config)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
             engine = _engines[key] = Engine(root, config)
         return engine
+
+
+def engine_named(key: str) -> Engine:
+    """The engine that ``key`` (``fxoffload.ops.engine_key``) names."""
+    with _lock:
+        engine = _named.get(key)
+    if engine is None:
+        root, settings = ops.parse_engine_key(key)
+        engine = engine_for(root, EngineConfig(**settings))
+        with _lock:
+            _named[key] = engine
+    return engine
 
 
 def engine_of(handle: torch.Tensor) -> Engine:
@@ -67,6 +86,7 @@ def close_all() -> None:
     with _lock:
         closing = list(_engines.values())
         _engines.clear()
+        _named.clear()
     for engine in closing:
         engine.close()
 

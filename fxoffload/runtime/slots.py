@@ -70,6 +70,18 @@ class SlotAllocator:
                 self._remove_free(prev)
         self._add_free(start, end - start)
 
+    def shrink(self, capacity: int) -> None:
+        """Undo growth back to ``capacity``: the range beyond it must be free (a growth the
+        file could not follow)."""
+        if capacity >= self.capacity:
+            return
+        tail = self._free_offsets[-1]
+        assert tail <= capacity and tail + self._free_length[tail] == self.capacity
+        self._remove_free(tail)
+        if tail < capacity:
+            self._add_free(tail, capacity - tail)
+        self.capacity = capacity
+
     def _grow(self, length: int) -> int:
         """Extend capacity so a free range of ``length`` ends the file; return its start."""
         old = self.capacity

@@ -1,15 +1,10 @@
 """Staging and read buffers kept for reuse, up to a byte cap.
 
 Fresh memory is slow: every page faults in on first touch, and the kernel's
-work for it competes with training for the CPU. On the development machine
-an 8 MiB copy into fresh memory ran at 2.5 GB/s in 4 KiB pages and 10-15
-GB/s in huge pages (``aligned_buffer``), against 28-38 GB/s into memory used
-before. A step stores and reads the same sizes as the step before, so
-buffers are recycled: a staging buffer once its write has finished, a read
-buffer once the restored tensor made from it dies (compiled backward frees
-it). With reads recycled (in 4 KiB pages), a training step of the benchmark
-GPT took 0 to 8 thousand page faults instead of 36 thousand, and 40-55 ms
-of system time instead of 150-170.
+work for it competes with training for the CPU. A step stores and reads the
+same sizes as the step before, so buffers are recycled: a staging buffer once
+its write has finished, a read buffer once the restored tensor made from it
+dies (compiled backward frees it).
 
 The cap (``staging_pool_bytes``) bounds the memory this holds while idle;
 buffers given back beyond it are freed. Buffers are matched by exact padded

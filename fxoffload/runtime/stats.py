@@ -7,60 +7,67 @@ import dataclasses
 from fxoffload.runtime.locks import RuntimeLock
 
 
+def _counter() -> dataclasses.Field:
+    return dataclasses.field(default=0, metadata={"gauge": False})
+
+
+def _gauge(default: int | str) -> dataclasses.Field:
+    """A field of what is held right now, never reset."""
+    return dataclasses.field(default=default, metadata={"gauge": True})
+
+
 @dataclasses.dataclass(frozen=True)
 class OffloadStats:
-    """A snapshot of what the engines of this process did and hold.
+    """A snapshot of what the engines of this process did and hold (``fxoffload.stats()``).
 
-    Counters grow until ``fxoffload.reset_stats()``. The last five fields are
-    gauges of what is held right now and are never reset.
+    A frozen dataclass: read fields as attributes (``stats().bytes_written``)
+    or all of them as a dict (:meth:`as_dict`). Counters grow until
+    ``fxoffload.reset_stats()``; the gauges (``handles_live`` to ``io_mode``)
+    say what is held right now and are never reset.
     """
 
-    tensors_stored: int = 0
+    tensors_stored: int = _counter()
     """Tensors handed to ``store``."""
-    bytes_written: int = 0
+    bytes_written: int = _counter()
     """Bytes written to offload files (slots are padded to 4 KiB)."""
-    bytes_read: int = 0
+    bytes_read: int = _counter()
     """Bytes read back from offload files."""
-    tensors_forwarded: int = 0
+    tensors_forwarded: int = _counter()
     """Waits served from memory, because the tensor was still there: no read."""
-    io_errors: int = 0
+    io_errors: int = _counter()
     """Writes that failed; the tensor was kept in memory instead."""
-    store_waits: int = 0
+    store_waits: int = _counter()
     """Stores that waited because ``max_inflight_bytes`` were already waiting to be written."""
-    store_wait_ns: int = 0
+    store_wait_ns: int = _counter()
     """Total time those stores waited."""
-    wait_stalls: int = 0
+    wait_stalls: int = _counter()
     """Waits that blocked: their read (or, forwarding, their write) had not finished yet."""
-    wait_stall_ns: int = 0
+    wait_stall_ns: int = _counter()
     """Total time those waits blocked the caller: I/O the schedule did not hide."""
-    staging_reused: int = 0
+    staging_reused: int = _counter()
     """Stores that copied into a kept staging buffer instead of fresh memory."""
-    handles_live: int = 0
+    io_cpu_ns: int = _counter()
+    """CPU time the I/O threads spent moving and checksumming chunks: on a CPU device,
+    taken from the cores that compute."""
+    handles_live: int = _gauge(0)
     """Stored tensors whose graph still holds a handle to them."""
-    slot_bytes_in_use: int = 0
+    slot_bytes_in_use: int = _gauge(0)
     """Bytes of offload files that hold live tensors."""
-    file_bytes: int = 0
+    file_bytes: int = _gauge(0)
     """Size of the offload files (their high-water mark: freed slots are reused)."""
-    staging_bytes_held: int = 0
+    staging_bytes_held: int = _gauge(0)
     """Idle staging and read buffers kept for reuse (``staging_pool_bytes``): host
     memory offloading holds between steps, where the next step's stores and reads
     take their buffers from."""
-    io_mode: str = ""
+    io_mode: str = _gauge("")
     """``"direct"`` (O_DIRECT), ``"buffered"``, or both, over the engines in use."""
 
+    def as_dict(self) -> dict[str, int | str]:
+        """The fields by name, as ``stats().as_dict()["handles_live"]``."""
+        return dataclasses.asdict(self)
 
-COUNTERS = (
-    "tensors_stored",
-    "bytes_written",
-    "bytes_read",
-    "tensors_forwarded",
-    "io_errors",
-    "store_waits",
-    "store_wait_ns",
-    "wait_stalls",
-    "wait_stall_ns",
-    "staging_reused",
-)
+
+COUNTERS = tuple(f.name for f in dataclasses.fields(OffloadStats) if not f.metadata["gauge"])
 _lock = RuntimeLock()  # counters() allocates under it: a collection may run a finalizer there
 _values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 

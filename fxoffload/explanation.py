@@ -9,10 +9,14 @@ from types import CodeType
 from typing import Any
 
 import torch
-from torch._C._dynamo.eval_frame import reset_code
-from torch._dynamo import convert_frame
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
+from fxoffload._compat import (
+    cache_entries,
+    dynamo_input_codes,
+    functorch_config,
+    inductor_config,
+    reset_code,
+)
 from fxoffload.backend import compile_with_offloading
 from fxoffload.options import Options
 from fxoffload.partitioner import PartitionResult
@@ -73,8 +77,10 @@ def explain(
     model: torch.nn.Module,
     *example_inputs: Any,
     options: Mapping[str, Any] | Options | None = None,
+    **example_kwargs: Any,
 ) -> Explanation:
-    """Compile ``model`` with the ``ssdtrain`` backend, run one forward, and report.
+    """Compile ``model`` with the ``ssdtrain`` backend, run ``model(*example_inputs,
+    **example_kwargs)`` once, and report (``options`` is the backend's, not the model's).
 
     The forward really runs (and, with offloading on, really writes files,
     released when its outputs are dropped here). Compile caches are bypassed
@@ -86,7 +92,7 @@ def explain(
     opts = Options.from_dict(options)
     found: list[PartitionResult] = []
     backend = functools.partial(compile_with_offloading, options=opts, on_partition=found.append)
-    compile_once(model, example_inputs, {}, backend)
+    compile_once(model, example_inputs, example_kwargs, backend)
     if not found:
         raise RuntimeError(
             "fxoffload.explain: no graph that needs backward was compiled, so nothing was "
@@ -103,8 +109,8 @@ def explain(
 
 def _cache_entry_counts() -> dict[CodeType, int]:
     """How many compiled entries Dynamo holds for each code object it has compiled."""
-    codes = (ref() for ref in convert_frame.input_codes.seen)
-    return {code: len(_debug_get_cache_entry_list(code)) for code in codes if code is not None}
+    codes = (ref() for ref in dynamo_input_codes.seen)
+    return {code: len(cache_entries(code)) for code in codes if code is not None}
 
 
 def compile_once(
@@ -127,8 +133,8 @@ def compile_once(
     entries_before = _cache_entry_counts()
     try:
         with (
-            torch._functorch.config.patch(enable_autograd_cache=False),
-            torch._inductor.config.patch(fx_graph_cache=False),
+            functorch_config.patch(enable_autograd_cache=False),
+            inductor_config.patch(fx_graph_cache=False),
             torch.enable_grad(),
         ):
             compiled(*args, **kwargs)

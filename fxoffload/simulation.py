@@ -34,13 +34,12 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._functorch import config as functorch_config
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from fxoffload import ops
+from fxoffload._compat import FakeTensorMode, functorch_config
 from fxoffload.backend import compile_with_offloading
-from fxoffload.explain import compile_once
+from fxoffload.explanation import compile_once
 from fxoffload.hardware import Hardware
 from fxoffload.memory_budget import resident_bytes, saved_activations
 from fxoffload.options import RATES, Options
