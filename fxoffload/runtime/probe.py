@@ -273,6 +273,34 @@ def _best_time(fn, device: torch.device, reps: int = 5) -> float:
     return best
 
 
+def cached_rates(directory: str | None = None) -> dict[str, tuple[float, ...]]:
+    """The rates measured so far and cached in ``cache_path()``, by cache key.
+
+    A key says what was measured: ``compute:<device>:...`` (``compute_rates``'s
+    four numbers) or ``disk:<file system>:<I/O mode>:...`` (``disk_rates``'s
+    three). With ``directory``, only the compute rates and the disk rates of the
+    file system that holds ``directory``. Empty when there is no cache yet;
+    entries that are not lists of numbers are left out.
+    """
+    try:
+        with open(cache_path()) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(table, dict):
+        return {}
+    prefixes = ("compute:", "disk:")
+    if directory is not None:
+        prefixes = ("compute:", f"disk:{os.stat(directory).st_dev}:")
+    return {
+        key: tuple(float(v) for v in value)
+        for key, value in table.items()
+        if key.startswith(prefixes)
+        and isinstance(value, list)
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    }
+
+
 def _cached(key: str, count: int) -> tuple[float, ...] | None:
     try:
         with open(cache_path()) as f:
