@@ -127,7 +127,7 @@ class Llama(nn.Module):
 def benchmark_gpt() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
     """``train_step.py``'s default GPT and batch, on the meta device: a factory for
     ``python -m fxoffload simulate`` (with ``benchmarks`` on ``PYTHONPATH``)."""
-    from train_step import GPT, MODEL
+    from bench_models import GPT, MODEL
 
     cfg = argparse.Namespace(**MODEL)
     with torch.device("meta"):

@@ -224,5 +224,6 @@ def _bench(name: str, args: list[str]) -> int:
             "(install it with pip install -e .)"
         )
     sys.argv = [str(script), *args]
+    sys.path.insert(0, str(script.parent))  # as `python script` does: it imports its siblings
     runpy.run_path(str(script), run_name="__main__")
     return 0
