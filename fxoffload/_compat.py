@@ -94,7 +94,8 @@ def __getattr__(name: str) -> object:
 
 def size_hint(value: int | torch.SymInt) -> int:
     """A concrete size for cost decisions; adds no guard under dynamic shapes."""
-    return int(__getattr__("hint")(value))
+    hint = globals().get("hint") or __getattr__("hint")  # loaded once: a hot path of the passes
+    return int(hint(value))
 
 
 __all__ = [*PRIVATE_APIS, "PRIVATE_APIS", "PrivateAPI", "size_hint"]

@@ -36,7 +36,7 @@ from fxoffload import ops
 from fxoffload.options import Options
 from fxoffload.passes import SavedKind, SavedValue, offload_saved_activations
 from fxoffload.passes.costs import DeviceCosts, start_times
-from fxoffload.passes.liveness import backward_live_bytes
+from fxoffload.passes.liveness import backward_peak_bytes
 from fxoffload.passes.saved import tensor_nbytes
 from fxoffload.passes.timeline import WriteQueue
 
@@ -114,7 +114,7 @@ def plan_under_budget(
         decisions = offload_saved_activations(fw_gm, bw_gm, store_limit=chosen.stores, **passes)
         plan = Plan(chosen.pytorch_budget, fw_gm, bw_gm, decisions)
     recomputed = _recomputed(reference.decisions, plan)
-    peak = max(backward_live_bytes(plan.bw_gm.graph))
+    peak = backward_peak_bytes(plan.bw_gm.graph)
     plan = dataclasses.replace(plan, decisions=[*plan.decisions, *recomputed])
     note = (
         f"memory_budget={options.memory_budget}: at most {allowed} of {total} saved-activation "

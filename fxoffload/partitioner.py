@@ -74,13 +74,14 @@ class OffloadPartitioner(CustomPartitionerFn):
     def __call__(
         self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any
     ) -> tuple[fx.GraphModule, fx.GraphModule]:
-        if self.costs is not None and self.options.cost_model == "profile":
+        profiled = self.costs is not None and self.options.cost_model == "profile"
+        if profiled:
             profiling.profile(gm)  # once: every partition's nodes are copies of the joint's
 
         def partition(pytorch_budget: float) -> tuple[fx.GraphModule, fx.GraphModule]:
             with functorch_config.patch(activation_memory_budget=pytorch_budget):
                 fw_gm, bw_gm = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-            if self.costs is not None and self.options.cost_model == "profile":
+            if profiled:
                 for graph in (fw_gm, bw_gm):
                     profiling.copy_times(gm, graph)
             return fw_gm, bw_gm

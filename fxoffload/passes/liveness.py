@@ -1,4 +1,4 @@
-"""Backward's live bytes over its nodes: saved activations and the tensors it makes.
+"""Backward's peak live bytes: saved activations and the tensors it makes.
 
 Walks the (rewritten) backward graph in its order: a tensor a node makes is
 live from that node until its last use (a view shares its base's storage
@@ -20,8 +20,8 @@ from fxoffload import ops
 from fxoffload.passes.saved import META_KEY, SavedKind, is_view, tensor_nbytes
 
 
-def backward_live_bytes(bw_graph: fx.Graph) -> list[int]:
-    """The bytes live while each node of ``bw_graph`` runs, in graph order."""
+def backward_peak_bytes(bw_graph: fx.Graph) -> int:
+    """The most bytes live while a node of ``bw_graph`` runs."""
     nodes = list(bw_graph.nodes)
     root: dict[fx.Node, fx.Node] = {}
     last_use: dict[fx.Node, fx.Node] = {}
@@ -34,8 +34,7 @@ def backward_live_bytes(bw_graph: fx.Graph) -> list[int]:
     for wait in bw_graph.find_nodes(op="call_function", target=ops.wait):
         arrives.setdefault(wait.args[1], []).append(wait)
     live = {n: _nbytes(n) for n in nodes if _is_kept_activation(n)}
-    current = sum(live.values())
-    profile = []
+    current = peak = sum(live.values())
     for node in nodes:
         made = arrives.get(node, []) if node.target is ops.prefetch else []
         if node.op == "call_function" and root[node] is node and node.target is not ops.wait:
@@ -43,13 +42,13 @@ def backward_live_bytes(bw_graph: fx.Graph) -> list[int]:
         for value in made:
             live[value] = _nbytes(value)
             current += live[value]
-        profile.append(current)
+        peak = max(peak, current)
         if node.op == "output":
             break
         for used in {root[n] for n in node.all_input_nodes}:
             if last_use.get(used) is node and used in live:
                 current -= live.pop(used)
-    return profile
+    return peak
 
 
 def _is_kept_activation(node: fx.Node) -> bool:

@@ -280,53 +280,49 @@ def cached_rates(directory: str | None = None) -> dict[str, tuple[float, ...]]:
     four numbers) or ``disk:<file system>:<I/O mode>:...`` (``disk_rates``'s
     three). With ``directory``, only the compute rates and the disk rates of the
     file system that holds ``directory``. Empty when there is no cache yet;
-    entries that are not lists of numbers are left out.
+    entries that are not valid rates are left out.
     """
-    try:
-        with open(cache_path()) as f:
-            table = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(table, dict):
-        return {}
     prefixes = ("compute:", "disk:")
     if directory is not None:
         prefixes = ("compute:", f"disk:{os.stat(directory).st_dev}:")
     return {
         key: tuple(float(v) for v in value)
-        for key, value in table.items()
-        if key.startswith(prefixes)
-        and isinstance(value, list)
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        for key, value in _read_table().items()
+        if key.startswith(prefixes) and _valid(value)
     }
 
 
 def _cached(key: str, count: int) -> tuple[float, ...] | None:
-    try:
-        with open(cache_path()) as f:
-            value = json.load(f).get(key)
-    except (OSError, ValueError, AttributeError):
-        return None
-    if (
-        isinstance(value, list)
-        and len(value) == count
-        and all(isinstance(v, (int, float)) and v >= 0 for v in value)
-        and min(value[:2]) > 0  # the rates; a cost after them may be 0
-    ):
+    value = _read_table().get(key)
+    if _valid(value) and len(value) == count:
         return tuple(float(v) for v in value)
     return None
+
+
+def _read_table() -> dict:
+    """The cache file's table; empty if there is none or it is not a table."""
+    try:
+        with open(cache_path()) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def _valid(value: object) -> bool:
+    """Two positive rates, then numbers >= 0 (a cost after the rates may be 0)."""
+    return (
+        isinstance(value, list)
+        and len(value) >= 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in value)
+        and min(value[:2]) > 0
+    )
 
 
 def _remember(key: str, rates: tuple[float, ...]) -> None:
     """Add ``key`` to the cache file; atomic, so concurrent processes never see half a file."""
     path = cache_path()
-    try:
-        with open(path) as f:
-            table = json.load(f)
-        if not isinstance(table, dict):
-            table = {}
-    except (OSError, ValueError):
-        table = {}
+    table = _read_table()
     table[key] = list(rates)
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
