@@ -21,11 +21,16 @@ In one run, against the offload directory's device:
    step time ratios, and the effective bandwidth, bytes offloaded per step
    divided by the extra median time per step.
 
+4. one directory against several (``--dirs``, one per drive; by default two
+   directories in ``--dir``, on one disk): store and load of 64 MiB tensors
+   by an engine on the first directory alone and by one on all of them,
+   alternated ``--repeats`` times, with the ratio of each pair.
+
 ``--sweep`` adds a table over I/O threads and chunk sizes, from which the
 defaults were chosen. Run from the repository root::
 
     python benchmarks/io_bandwidth.py [--dir /nvme/x] [--total-mib 1024] [--sweep] \\
-        [--device cuda] [--no-step] [--repeats 3]
+        [--device cuda] [--no-step] [--repeats 3] [--dirs /nvme0/x,/nvme1/x]
 
 ``--device cuda`` stores tensors that live on the GPU: the engine's numbers
 then include the copies through pinned memory, and GPU Direct Storage
@@ -81,7 +86,7 @@ def raw_bandwidth(directory: str, total: int) -> tuple[float, float, bool]:
 
 
 def engine_bandwidth(
-    directory: str,
+    directory: str | list[str],
     size: int,
     total: int,
     config: EngineConfig,
@@ -89,6 +94,8 @@ def engine_bandwidth(
     pooled: bool = False,
 ):
     """Store then load ``total`` bytes as tensors of ``size`` bytes on ``device``; GB/s each.
+
+    ``directory`` may be several, one per drive, as ``offload_dir``.
 
     A new engine has no buffers yet: every store copies into fresh pages, which
     fault in as it writes them. ``pooled`` measures the engine as a training
@@ -126,6 +133,28 @@ def engine_bandwidth(
     finally:
         engine.close()
     return store, load, waits
+
+
+def drives_bandwidth(
+    dirs: list[str], total: int, config: EngineConfig, device: torch.device, repeats: int
+) -> None:
+    """Print store and load GB/s of an engine on ``dirs[0]`` and of one on all ``dirs``,
+    alternated ``repeats`` times (64 MiB tensors, pooled), and their paired ratios."""
+    runs: dict[int, list[tuple[float, float]]] = {1: [], len(dirs): []}
+    for _ in range(repeats):
+        for n in runs:
+            store, load, _ = engine_bandwidth(dirs[:n], 64 * MiB, total, config, device, True)
+            runs[n].append((store, load))
+    print(f"one directory against {len(dirs)} ({', '.join(dirs)}), 64 MiB tensors, pooled:")
+    for n, measured in runs.items():
+        stores, loads = zip(*measured, strict=True)
+        print(f"  {n} dir{'s' if n > 1 else ''}: store {spread(stores)} GB/s, load {spread(loads)}")
+    pairs = zip(runs[1], runs[len(dirs)], strict=True)
+    ratios = [(many[0] / one[0], many[1] / one[1]) for one, many in pairs]
+    print(
+        f"  {len(dirs)} dirs / 1: store {spread([r[0] for r in ratios])}, "
+        f"load {spread([r[1] for r in ratios])}"
+    )
 
 
 def pcie_bandwidth(total: int) -> tuple[float, float]:
@@ -259,6 +288,11 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="paired raw/engine measurements per tensor size"
     )
+    parser.add_argument(
+        "--dirs",
+        help="comma-separated offload directories, one per drive, measured against the first "
+        "alone (default: two directories in --dir)",
+    )
     args = parser.parse_args()
     total = args.total_mib * MiB
     device = torch.device(args.device)
@@ -337,6 +371,13 @@ def main() -> None:
                         s, ld, _ = engine_bandwidth(work, size_mib * MiB, total, cfg, device)
                         cells.append(f"{size_mib} MiB {s:.2f}/{ld:.2f}")
                     print(f"  threads={threads} chunk={chunk_mib:>2} MiB: " + "  ".join(cells))
+
+        dirs = args.dirs.split(",") if args.dirs else []
+        if not dirs:
+            dirs = [os.path.join(work, name) for name in ("drive0", "drive1")]
+            for d in dirs:
+                os.mkdir(d)
+        drives_bandwidth(dirs, total, config, device, args.repeats)
 
         if args.no_step:
             return

@@ -133,7 +133,9 @@ def main() -> None:
     stats = fxoffload.stats()
     mine = {
         "rank": rank,
-        "directory": ", ".join(os.path.basename(e.directory) for e in fxoffload.runtime.engines()),
+        "directory": ", ".join(
+            os.path.basename(d.directory) for e in fxoffload.runtime.engines() for d in e.drives
+        ),
         "bytes_per_step": step_bytes[1:] or step_bytes,
         "median_s": statistics.median(step_seconds[1:] or step_seconds),
         "tensors_stored": stats.tensors_stored,

@@ -18,8 +18,8 @@ it. ``Options``, its validation and the runtime's ``EngineConfig`` are built
 from these; ``ENGINE`` marks the I/O options, which with ``offload_dir`` name
 an engine.
 
-Environment: ``FXOFFLOAD_DIR`` sets ``offload_dir``'s default, read when
-fxoffload is imported.
+Environment: ``FXOFFLOAD_DIR`` sets ``offload_dir``'s default (several
+directories joined by ``os.pathsep``), read when fxoffload is imported.
 """
 
 import sys
@@ -29,7 +29,11 @@ from fxoffload import option_checks as c
 from fxoffload._compat import Config, install_config_module
 
 # Where offload files go: the engine makes a private 0700 directory inside.
-# None: $FXOFFLOAD_DIR if set, else the system temporary directory.
+# Several directories, one per drive: a list, or one string of paths joined by
+# os.pathsep (as in $PATH); each tensor is split over them by their write rates.
+# None: $FXOFFLOAD_DIR if set, else the system temporary directory. (Typed as a
+# string only because torch's config module reads only strings from the
+# environment; fxoffload.options.offload_dirs reads the value.)
 offload_dir: str | None = Config(default=None, env_name_default="FXOFFLOAD_DIR")
 
 # "adaptive": offload the saved activations whose writes and reads the cost

@@ -74,15 +74,17 @@ def _wait_fake(
     return torch.empty_permuted(handle.shape[1:], dim_order, dtype=dtype, device=device)
 
 
-def engine_key(offload_dir: str, io_settings: Mapping[str, object]) -> str:
-    """``store``'s ``engine`` argument: the directory and the I/O settings, as one JSON object."""
+def engine_key(offload_dir: str | tuple[str, ...], io_settings: Mapping[str, object]) -> str:
+    """``store``'s ``engine`` argument: the directory (or directories) and the I/O settings,
+    as one JSON object."""
     return json.dumps({"offload_dir": offload_dir, **io_settings})
 
 
-def parse_engine_key(key: str) -> tuple[str, dict[str, object]]:
-    """The directory and I/O settings that :func:`engine_key` wrote."""
+def parse_engine_key(key: str) -> tuple[str | tuple[str, ...], dict[str, object]]:
+    """The directory (or directories) and I/O settings that :func:`engine_key` wrote."""
     settings = json.loads(key)
-    return settings.pop("offload_dir"), settings
+    offload_dir = settings.pop("offload_dir")
+    return offload_dir if isinstance(offload_dir, str) else tuple(offload_dir), settings
 
 
 store = torch.ops.ssdtrain.store.default

@@ -32,9 +32,28 @@ RATES: tuple[str, ...] = tuple(name for name in OPTION_NAMES if name.endswith("_
 """The cost model's device rates (``None``: measured)."""
 
 
-def default_offload_dir() -> str:
-    """``config.offload_dir`` (``$FXOFFLOAD_DIR`` by default), else the system temp directory."""
-    return config.offload_dir or tempfile.gettempdir()
+def offload_dirs(value: object) -> tuple[str, ...]:
+    """The directories ``offload_dir`` names: a path, paths joined by ``os.pathsep``, or a list
+    of paths; None for ``config.offload_dir`` (``$FXOFFLOAD_DIR`` by default), else the system
+    temp directory. Raises ``ValueError`` for anything else, an empty path or a repeated one."""
+    if value is None:
+        value = config.offload_dir or tempfile.gettempdir()
+    if isinstance(value, (str, os.PathLike)):
+        paths = os.fspath(value).split(os.pathsep)
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, os.PathLike)) for v in value):
+        paths = [os.fspath(v) for v in value]
+    else:
+        paths = []
+    if not paths or not all(paths):
+        raise ValueError(
+            "fxoffload option 'offload_dir' must be a non-empty path or a list of them, "
+            f"got {value!r}"
+        )
+    real = [os.path.realpath(p) for p in paths]
+    for i, path in enumerate(real):
+        if path in real[:i]:
+            raise ValueError(f"fxoffload option 'offload_dir' names {paths[i]!r} twice")
+    return tuple(paths)
 
 
 def config_fields(names: tuple[str, ...]) -> list[tuple[str, Any, dataclasses.Field]]:
@@ -66,19 +85,20 @@ class _OptionsBase:
     """
 
     def __post_init__(self) -> None:
-        if self.offload_dir is None:  # as config.offload_dir = None: the documented default
-            object.__setattr__(self, "offload_dir", default_offload_dir())
-        if not isinstance(self.offload_dir, (str, os.PathLike)) or not str(self.offload_dir):
-            raise ValueError(
-                f"fxoffload option 'offload_dir' must be a non-empty path, got {self.offload_dir!r}"
-            )
-        object.__setattr__(self, "offload_dir", os.fspath(self.offload_dir))
+        dirs = offload_dirs(self.offload_dir)
+        object.__setattr__(self, "offload_dir", dirs[0] if len(dirs) == 1 else dirs)
         check_fields(self)
         if self.memory_budget < 1 and self.policy == "none":
             raise ValueError(
                 "fxoffload option 'memory_budget' needs policy 'adaptive' or 'all'; for "
                 "recomputation alone use torch._functorch.config.activation_memory_budget"
             )
+
+    @property
+    def offload_dirs(self) -> tuple[str, ...]:
+        """The offload directories, one per drive (``offload_dir`` holds one path, or several
+        as a tuple)."""
+        return offload_dirs(self.offload_dir)
 
     @property
     def io_settings(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ def written(engine: Engine) -> None:
 def block_io_thread(engine: Engine) -> threading.Event:
     """Occupy the engine's only I/O thread until the returned event is set."""
     gate = threading.Event()
-    engine._pool.submit(gate.wait)
+    engine.drives[0].pool.submit(gate.wait)
     return gate
 
 
@@ -30,6 +30,6 @@ def slots_freed(engine: Engine) -> None:
     chunk settles, on an I/O thread, a moment later.
     """
     deadline = time.monotonic() + 10
-    while engine.file.bytes_in_use and time.monotonic() < deadline:
+    while engine.drives[0].file.bytes_in_use and time.monotonic() < deadline:
         time.sleep(0.001)
-    assert engine.file.bytes_in_use == 0
+    assert engine.drives[0].file.bytes_in_use == 0

@@ -163,12 +163,12 @@ def rank_main(rank: int, port: int, offload_dir: str, out_dir: str, cases: list[
             }
     # Both ranks' engines are alive here: each sees the other's directory too.
     (engine,) = engines()
-    results["own_dir"] = os.path.basename(engine.directory)
+    results["own_dir"] = os.path.basename(engine.drives[0].directory)
     dist.barrier()
     results["dirs_while_running"] = sorted(os.listdir(offload_dir))
     dist.barrier()
     close_all()
-    results["own_dir_exists_after_close"] = os.path.exists(engine.directory)
+    results["own_dir_exists_after_close"] = os.path.exists(engine.drives[0].directory)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -17,7 +17,7 @@ from engine_helpers import block_io_thread, slots_freed, written
 
 import fxoffload
 from fxoffload.runtime import Engine, EngineConfig
-from fxoffload.runtime.engine import WriteState
+from fxoffload.runtime.engine import EntryState
 from fxoffload.runtime.offload_file import ALIGNMENT, HUGE_PAGE, aligned_buffer
 
 
@@ -69,7 +69,7 @@ def test_round_trip_is_exact(make_engine, name: str, io_mode: str) -> None:
     assert torch.equal(out, t)
     del handle
     gc.collect()
-    assert engine.live_entries() == 0 and engine.file.bytes_in_use == 0
+    assert engine.live_entries() == 0 and engine.drives[0].file.bytes_in_use == 0
 
 
 @pytest.fixture
@@ -86,7 +86,7 @@ def ramfs(tmp_path):
 
 def test_direct_io_falls_back_to_buffered_without_o_direct(ramfs, make_engine) -> None:
     engine = make_engine(root=ramfs)
-    assert not engine.file.direct
+    assert not engine.drives[0].file.direct
     t = torch.randn(1000)
     handle = engine.store(t)
     written(engine)
@@ -276,7 +276,7 @@ def test_wait_counts_a_stall_only_when_its_read_is_not_done(make_engine) -> None
     hidden, exposed = (engine.store(t) for t in tensors)
     written(engine)
     engine.prefetch(hidden)
-    engine._pool.submit(lambda: None).result()  # the one I/O thread ran the read before this
+    engine.drives[0].pool.submit(lambda: None).result()  # the one I/O thread ran the read first
     before = fxoffload.stats()
     assert torch.equal(engine.wait(hidden), tensors[0])
     assert delta(before, "wait_stalls") == 0 and delta(before, "wait_stall_ns") == 0
@@ -313,8 +313,8 @@ def test_slots_are_reused_across_steps(make_engine) -> None:
             engine.prefetch(h)
             engine.wait(h)
         del handles, h  # refcounting frees the handles at once
-        sizes_seen.append(engine.file.size)
-    assert engine.file.bytes_in_use == 0
+        sizes_seen.append(engine.drives[0].file.size)
+    assert engine.drives[0].file.bytes_in_use == 0
     assert len(set(sizes_seen)) == 1
 
 
@@ -328,7 +328,7 @@ def test_failed_write_keeps_the_tensor_in_memory(tiny_tmpfs, make_engine) -> Non
         handle = engine.store(big)
         written(engine)
     assert delta(before, "io_errors") == 1
-    assert engine._entry(handle).state is WriteState.FAILED
+    assert engine._entry(handle).state is EntryState.FAILED
     first = engine.wait(handle)
     first.zero_()
     assert torch.equal(engine.wait(handle), big)
@@ -339,9 +339,9 @@ def test_truncated_file_is_an_error_not_wrong_data(make_engine) -> None:
     engine = make_engine()
     handle = engine.store(torch.randn(100))
     written(engine)
-    os.truncate(engine.file.path, 0)
+    os.truncate(engine.drives[0].file.path, 0)
     with pytest.raises(
-        RuntimeError, match=f"cannot read back offloaded tensor .* in {engine.file.path}"
+        RuntimeError, match=f"cannot read back offloaded tensor .* in {engine.drives[0].file.path}"
     ):
         engine.wait(handle)
 
@@ -350,7 +350,7 @@ def test_overwritten_bytes_fail_their_checksum(make_engine) -> None:
     engine = make_engine(chunk_bytes=4096)
     handle = engine.store(torch.randn(3000))
     written(engine)
-    with open(engine.file.path, "r+b") as f:
+    with open(engine.drives[0].file.path, "r+b") as f:
         f.seek(5000)
         f.write(b"\x01")
     with pytest.raises(RuntimeError, match="checksum mismatch"):
@@ -382,12 +382,12 @@ def test_keep_mode_under_warnings_as_errors_leaves_nothing_behind(tiny_tmpfs, ma
 
 def test_private_directory_is_owner_only_and_removed_on_close(tmp_path) -> None:
     engine = Engine(str(tmp_path))
-    assert os.stat(engine.directory).st_mode & 0o777 == 0o700
-    assert os.stat(engine.file.path).st_mode & 0o777 == 0o600
+    assert os.stat(engine.drives[0].directory).st_mode & 0o777 == 0o700
+    assert os.stat(engine.drives[0].file.path).st_mode & 0o777 == 0o600
     handle = engine.store(torch.randn(10))
     written(engine)
     engine.close()
-    assert not os.path.exists(engine.directory)
+    assert not os.path.exists(engine.drives[0].directory)
     del handle  # a handle outliving its engine is released quietly
 
 
@@ -498,7 +498,7 @@ def test_close_lets_a_read_that_a_thread_waits_for_finish(make_engine) -> None:
     closer = threading.Thread(target=engine.close, daemon=True)
     closer.start()
     deadline = time.monotonic() + 10
-    while not engine._pool._shutdown and time.monotonic() < deadline:  # close is under way
+    while not engine.drives[0].pool._shutdown and time.monotonic() < deadline:  # close is under way
         time.sleep(0.001)
     gate.set()
     closer.join(timeout=10)
@@ -580,7 +580,7 @@ def test_a_staging_pool_that_raises_leaks_no_reservation(make_engine, monkeypatc
     monkeypatch.setattr(engine._staging, "give", give)
     t = torch.randn(1024)
     handle = engine.store(t)
-    engine._entry(handle).write.wait()
+    engine._wait_writes(engine._entry(handle))
     written(engine)  # a reservation kept would have every later store wait forever
     again = engine.store(t)
     assert torch.equal(engine.wait(again), t)
@@ -592,10 +592,10 @@ def test_a_write_leaves_writing_once_it_is_on_disk(make_engine) -> None:
     t = torch.randn(1024)
     handle = engine.store(t)
     entry = engine._entry(handle)
-    assert entry.state is WriteState.WRITING and entry.staging is not None
+    assert entry.state is EntryState.WRITING and entry.staging is not None
     gate.set()
     written(engine)
-    assert entry.state is WriteState.WRITTEN and entry.staging is None
+    assert entry.state is EntryState.WRITTEN and entry.staging is None
     assert torch.equal(engine.wait(handle), t)
 
 

@@ -93,7 +93,7 @@ def assert_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> None:
 def assert_nothing_held(offload_dir: Path) -> None:
     gc.collect()
     for engine in engines():
-        if Path(engine.root) == offload_dir:
+        if Path(engine.roots[0]) == offload_dir:
             assert engine.live_entries() == 0
             slots_freed(engine)
 
@@ -220,7 +220,7 @@ def test_two_models_share_one_engine(tmp_path) -> None:
 
 
 def engines_in(offload_dir: Path) -> list[Engine]:
-    return [e for e in engines() if Path(e.root) == offload_dir]
+    return [e for e in engines() if Path(e.roots[0]) == offload_dir]
 
 
 def test_a_compiled_graph_finds_its_engine_after_close_all(tmp_path) -> None:
@@ -247,7 +247,7 @@ def test_other_io_settings_on_one_directory_get_an_engine_of_their_own(tmp_path)
         (1, 8 << 20),
         (2, 64 << 10),
     ]
-    assert all(e.file.size > 0 for e in found) and stored_since(before) > 0
+    assert all(e.drives[0].file.size > 0 for e in found) and stored_since(before) > 0
     assert_nothing_held(tmp_path)
 
 
@@ -301,7 +301,7 @@ def mount(tmp_path) -> Iterator[Callable[..., Path]]:
 
     yield do_mount
     for engine in list(engines()):
-        if any(Path(engine.root) == p for p in mounted):
+        if any(Path(engine.roots[0]) == p for p in mounted):
             engine.close()
     for path in mounted:
         subprocess.run(["umount", "-l", str(path)], check=False)
@@ -345,7 +345,8 @@ def test_unmeasurable_disk_makes_adaptive_offload_nothing(mount) -> None:
     assert fxoffload.stats().tensors_stored == before.tensors_stored
     # Not cached: the disk is measured again next time (compute rates are cached).
     with open(probe.cache_path()) as f:
-        assert not [k for k in json.load(f) if k.startswith(f"disk:{os.stat(small).st_dev}:")]
+        keys = json.load(f)
+    assert not [k for k in keys if k.startswith(f"disk:{probe.file_system(str(small))}:")]
     assert_nothing_held(small)
 
 
@@ -358,10 +359,10 @@ def test_read_only_offload_dir_fails_at_compile_time(mount) -> None:
 def test_file_changed_between_forward_and_backward_is_an_error(tmp_path) -> None:
     m = compiled(Blocks(), tmp_path)
     loss = m(batch())
-    (engine,) = [e for e in engines() if Path(e.root) == tmp_path]
+    (engine,) = [e for e in engines() if Path(e.roots[0]) == tmp_path]
     while engine.inflight_bytes:
         time.sleep(0.001)
-    with open(engine.file.path, "r+b") as f:
+    with open(engine.drives[0].file.path, "r+b") as f:
         f.write(b"\xff" * 64)  # overwrite the first slot's first bytes
     with pytest.raises(RuntimeError, match=r"cannot read back offloaded .*checksum mismatch"):
         loss.backward()
@@ -372,10 +373,10 @@ def test_file_deleted_between_forward_and_backward_is_harmless(tmp_path) -> None
 
     def step(m):
         loss = m(batch())
-        for engine in [e for e in engines() if Path(e.root) == tmp_path]:  # none for "none"
+        for engine in [e for e in engines() if Path(e.roots[0]) == tmp_path]:  # none for "none"
             while engine.inflight_bytes:
                 time.sleep(0.001)
-            os.unlink(engine.file.path)
+            os.unlink(engine.drives[0].file.path)
         loss.backward()
         return [loss.detach()]
 
@@ -404,7 +405,7 @@ for _ in range(20):
     m(torch.randn(512, 256)).sum().backward()
 import fxoffload
 (engine,) = fxoffload.runtime.engines()
-print(os.path.basename(engine.directory), fxoffload.stats().bytes_written)
+print(os.path.basename(engine.drives[0].directory), fxoffload.stats().bytes_written)
 """
 
 
@@ -431,7 +432,7 @@ KILLED_AFTER_A_STEP = (
     + """
 import os, signal
 from fxoffload.runtime import engines
-print(engines()[0].directory, flush=True)
+print(engines()[0].drives[0].directory, flush=True)
 os.kill(os.getpid(), signal.SIGKILL)
 """
 )
@@ -460,10 +461,10 @@ def test_soak_resources_stay_flat(tmp_path) -> None:
     optimizer = torch.optim.SGD(m.parameters(), lr=1e-3)
 
     def resources() -> tuple[int, int, int, int]:
-        (engine,) = [e for e in engines() if Path(e.root) == tmp_path]
+        (engine,) = [e for e in engines() if Path(e.roots[0]) == tmp_path]
         fds = len(os.listdir("/proc/self/fd"))
-        files = len(os.listdir(engine.directory))
-        return fds, files, engine.file.bytes_in_use, engine.file.size
+        files = len(os.listdir(engine.drives[0].directory))
+        return fds, files, engine.drives[0].file.bytes_in_use, engine.drives[0].file.size
 
     def rss_mib() -> float:
         with open("/proc/self/statm") as f:

@@ -410,7 +410,7 @@ def test_measured_rates_are_cached_per_user_and_file_system(tmp_path, monkeypatc
     table = json.loads(path.read_text())
     assert sorted(k.split(":")[:2] for k in table) == [
         ["compute", "cpu"],
-        ["disk", str(os.stat(offload_dir).st_dev)],
+        ["disk", probe.file_system(str(offload_dir))],
     ]
     mtime = os.stat(path).st_mtime_ns
     # Measured once: a second ask (another process would too) reads the file.

@@ -113,10 +113,10 @@ def test_a_live_directory_is_kept_whatever_pid_its_name_carries(tmp_path) -> Non
     directory: the pid in its name runs nowhere here. Its lock says it lives."""
     engine = Engine(str(tmp_path), EngineConfig(io_threads=1))
     try:
-        foreign = tmp_path / os.path.basename(engine.directory).replace(
+        foreign = tmp_path / os.path.basename(engine.drives[0].directory).replace(
             f"-{os.getpid()}-", f"-{dead_pid()}-"
         )
-        os.rename(engine.directory, foreign)
+        os.rename(engine.drives[0].directory, foreign)
         remove_stale_dirs(str(tmp_path))
         assert foreign.exists()
     finally:

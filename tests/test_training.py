@@ -136,7 +136,7 @@ CASES = {
 
 def engine_at(offload_dir: Path) -> Engine:
     """The engine writing under ``offload_dir`` (created by the first compile)."""
-    (engine,) = [e for e in engines() if Path(e.root).resolve() == offload_dir.resolve()]
+    (engine,) = [e for e in engines() if Path(e.roots[0]).resolve() == offload_dir.resolve()]
     return engine
 
 
@@ -157,8 +157,8 @@ def check_first_forward_on_disk(offload_dir: Path, before: fxoffload.OffloadStat
     assert fxoffload.stats().handles_live - before.handles_live == stored
     assert poll(lambda: engine.inflight_bytes == 0)  # every write has landed
     written = fxoffload.stats().bytes_written - before.bytes_written
-    assert written == engine.file.bytes_in_use > 0
-    assert os.path.getsize(engine.file.path) >= written
+    assert written == engine.drives[0].file.bytes_in_use > 0
+    assert os.path.getsize(engine.drives[0].file.path) >= written
 
 
 def check_first_backward_read_all(before: fxoffload.OffloadStats) -> None:

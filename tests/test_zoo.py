@@ -375,14 +375,14 @@ PARAMS = [pytest.param(name, "aot_eager", id=f"{name}-aot_eager") for name in CA
 def assert_nothing_left(offload_dir: Path) -> None:
     """The engine holds no slot, its private directory holds only its file (and the
     lock that says it lives), and closing it (as at exit) removes that directory."""
-    (engine,) = [e for e in engines() if Path(e.root).resolve() == offload_dir.resolve()]
+    (engine,) = [e for e in engines() if Path(e.roots[0]).resolve() == offload_dir.resolve()]
     assert engine.live_entries() == 0
     slots_freed(engine)
-    assert sorted(os.listdir(engine.directory)) == sorted(
-        [os.path.basename(engine.file.path), LOCK_NAME]
+    assert sorted(os.listdir(engine.drives[0].directory)) == sorted(
+        [os.path.basename(engine.drives[0].file.path), LOCK_NAME]
     )
     close_all()
-    assert not os.path.exists(engine.directory)
+    assert not os.path.exists(engine.drives[0].directory)
 
 
 @pytest.mark.parametrize(("name", "compiler"), PARAMS)

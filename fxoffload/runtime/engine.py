@@ -1,8 +1,8 @@
-"""The offload engine: moves tensors to one file and back on worker threads.
+"""The offload engine: moves tensors to files and back on worker threads.
 
 Usable without any compiler::
 
-    engine = Engine("/nvme/x")
+    engine = Engine("/nvme/x")       # or Engine(["/nvme0/x", "/nvme1/x"])
     h = engine.store(t)      # copies t, starts writing it, returns a handle
     engine.prefetch(h)       # starts reading it back (optional)
     t2 = engine.wait(h)      # t2 has t's shape, strides and bytes
@@ -15,12 +15,15 @@ the caller's memory after ``store`` returns. A staging buffer is dropped as
 soon as its write completes, which is where the memory saving comes from;
 ``max_inflight_bytes`` bounds how many bytes wait to be written.
 
-Each tensor is split into chunks written and read by several threads
-(``transfers.py``) at positional offsets of one preallocated file
-(``offload_file.py``), with direct I/O where the file system allows it.
+Each offload directory is a drive (``drives.py``) with its own file and
+threads; a tensor is split into one share per drive it goes to, in
+proportion to the drives' write rates, and each share into chunks written
+and read by the drive's threads (``transfers.py``) at positional offsets of
+its preallocated file (``offload_file.py``), with direct I/O where the file
+system allows it.
 
 An entry lives until every handle to it dies (see ``handles.py``); only then
-is its slot freed, so a retained graph can be waited on any number of times.
+are its slots freed, so a retained graph can be waited on any number of times.
 """
 
 from __future__ import annotations
@@ -28,24 +31,22 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
-import shutil
 import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from fxoffload.options import IO_OPTIONS, check_fields, config_fields
-from fxoffload.runtime import private_dir, stats
+from fxoffload.runtime import probe, stats
+from fxoffload.runtime.drives import Drive, Striping, open_drives
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.host_staging import HostStaging, PageableStaging, PinnedStaging, view_as
 from fxoffload.runtime.locks import RuntimeLock
-from fxoffload.runtime.offload_file import OffloadFile
 from fxoffload.runtime.slots import Slot
 from fxoffload.runtime.staging import StagingPool
-from fxoffload.runtime.transfers import ChunkedFile, Transfer
+from fxoffload.runtime.transfers import Transfer
 
 _entry_ids = itertools.count(1)
 
@@ -63,24 +64,53 @@ EngineConfig = dataclasses.make_dataclass(
 )
 
 
-class WriteState(enum.Enum):
-    """Where an entry's write is; it leaves WRITING once, in ``Engine._finish_write``."""
+class EntryState(enum.Enum):
+    """Where a stored tensor's bytes are. Its transitions, each under the engine lock:
+
+    - WRITING -> FORWARDING: a ``wait`` came before the writes ended (``Engine.wait``);
+    - WRITING or FORWARDING -> WRITTEN or FAILED: the last share settled
+      (``Engine._finish_write``).
+
+    A read (``_Entry.read``) is in flight only in WRITTEN or FAILED: it must not
+    overtake the write of its slots.
+    """
 
     WRITING = "writing"
-    """Chunks queued or running; the staging copy holds the bytes (and forwards them)."""
+    """Shares queued or running; the engine's staging copy holds every byte."""
+    FORWARDING = "forwarding"
+    """As WRITING, but a wait has the staging bytes (on the CPU the buffer itself, on CUDA
+    a device copy made from it): the buffer is never pooled."""
     WRITTEN = "written"
-    """On disk: every chunk written, or cancelled because the handle died first."""
+    """Every share on disk (or cancelled, the handle having died first); no copy in memory."""
     FAILED = "failed"
-    """Not on disk; the staging copy, kept for good, is the only one (``write_error`` says why)."""
+    """Some shares could not be written: their bytes are kept in memory (``_Share.kept``),
+    the others are on disk. ``wait`` restores them, or raises under ``on_io_error="raise"``."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Share:
+    """The bytes ``start`` to ``start + length`` of an entry, on one drive."""
+
+    drive: Drive
+    start: int
+    length: int
+    slot: Slot | None = None
+    write: Transfer | None = None
+    error: BaseException | None = None
+    """Why the write failed, if it did."""
+    kept: torch.Tensor | None = None
+    """A failed share's bytes, kept in memory (uint8)."""
+    checksums: list[int] = dataclasses.field(default_factory=list)
+    """The checksum of each written chunk (``checksum.py``), when verifying."""
 
 
 @dataclasses.dataclass(eq=False)
 class _Entry:
-    """One stored tensor: its layout, its slot, its write's state and what is in flight.
+    """One stored tensor: its layout, its shares, its state and the read in flight.
 
-    Fields change under the engine lock. ``staging`` is held while WRITING
-    (unless a forwarding wait took it), dropped or pooled once WRITTEN, kept
-    when FAILED; ``read`` is the read in flight, if any (only once WRITTEN).
+    Fields change under the engine lock. ``staging`` is the engine's copy:
+    held while WRITING and FORWARDING (on the CPU a forwarding wait takes it),
+    dropped or pooled once the writes settle.
     """
 
     id: int
@@ -91,48 +121,47 @@ class _Entry:
     nbytes: int
     host: HostStaging
     """How the bytes are staged in host memory and restored (by the device's kind)."""
-    slot: Slot | None = None
-    staging: torch.Tensor | None = None
-    """The engine's aligned copy (uint8), kept until the write succeeds (forever if it failed)."""
-    copied: torch.cuda.Event | None = None
+    shares: list[_Share]
+    staging: torch.Tensor | None
+    """The engine's aligned copy (uint8)."""
+    copied: torch.cuda.Event | None
     """Marks the copy into ``staging`` done, where it is queued (CUDA: on the caller's stream)."""
-    staging_shared: bool = False
-    """CUDA: a device copy was made from ``staging`` before its write ended; never pool it."""
-    write: Transfer | None = None
-    state: WriteState = WriteState.WRITING
-    write_error: BaseException | None = None
+    state: EntryState = EntryState.WRITING
+    unsettled: int = 0
+    """Shares whose write has not settled yet."""
     read: Transfer | None = None
     released: bool = False
-    """The handle died: the slot is freed as soon as nothing is writing it."""
-    checksums: list[int] = dataclasses.field(default_factory=list)
-    """The checksum of each written chunk (``checksum.py``), when verifying."""
+    """The handle died: the slots are freed as soon as nothing is writing them."""
 
 
 class Engine:
-    """Stores tensors in one file under a private directory of ``root``.
+    """Stores tensors in one file per offload directory, each in a private directory.
 
     Args:
-        root: an existing, writable directory (the ``offload_dir`` option).
-        config: threads, chunk size, in-flight cap and I/O mode.
+        roots: one existing, writable directory, or several, one per drive (the
+            ``offload_dir`` option). Several drives on more than one file system
+            share each tensor by their measured write rates (``probe.drive_rates``,
+            cached); on one file system, equally.
+        config: threads (per drive), chunk size, in-flight cap and I/O mode.
     """
 
-    def __init__(self, root: str, config: EngineConfig | None = None) -> None:
-        self.root = root
+    def __init__(self, roots: str | Sequence[str], config: EngineConfig | None = None) -> None:
+        self.roots = (roots,) if isinstance(roots, str) else tuple(roots)
         self.config = config or EngineConfig()
-        self._private_dir = private_dir.make_private_dir(root)
-        self.directory = self._private_dir.path
-        direct = {"auto": None, "direct": True, "buffered": False}[self.config.io_mode]
-        try:
-            self.file = OffloadFile(self.directory, direct=direct)
-        except OSError as e:
-            self._private_dir.remove()
-            raise ValueError(
-                f"fxoffload cannot use {self.config.io_mode} I/O in offload_dir {root!r}: {e}"
-            ) from e
-        self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="fxoffload-io")
-        self._chunked = ChunkedFile(
-            self.file, self._pool, self.config.chunk_bytes, verify=self.config.verify
+        self.drives = open_drives(
+            self.roots,
+            io_mode=self.config.io_mode,
+            io_threads=self.config.io_threads,
+            chunk_bytes=self.config.chunk_bytes,
+            verify=self.config.verify,
         )
+        try:
+            weights = probe.drive_weights(self.drives, self.config)
+        except BaseException:
+            for drive in self.drives:
+                drive.close()
+            raise
+        self._striping = Striping(weights, self.config.chunk_bytes)
         self._staging = StagingPool(self.config.staging_pool_bytes)
         self._pageable = PageableStaging(self._staging)
         self._pinned = PinnedStaging(self._staging)
@@ -169,6 +198,9 @@ class Engine:
         try:
             host = self._pinned if t.is_cuda else self._pageable
             buffer, copied = host.copy_in(t, order)
+            with self._lock:
+                split = self._striping.split(nbytes)
+            shares = [_Share(self.drives[s.drive], s.start, s.length) for s in split]
             entry = _Entry(
                 id=next(_entry_ids),
                 shape=tuple(t.shape),
@@ -177,12 +209,14 @@ class Engine:
                 device=t.device,
                 nbytes=nbytes,
                 host=host,
+                shares=shares,
                 staging=buffer,
                 copied=copied,
+                unsettled=len(shares),
             )
             with self._lock:
                 self._entries[entry.id] = entry
-            self._start_write(entry, buffer, copied)
+            self._start_writes(entry, buffer, copied)
         except BaseException:
             self._forget(entry, nbytes)
             raise
@@ -194,99 +228,73 @@ class Engine:
         entry = self._entry(handle)
         read = None
         with self._lock:
-            # Before the write settles the bytes are in memory (and a read
-            # could overtake the write of its own slot).
-            if entry.state is WriteState.WRITTEN and entry.read is None:
+            if entry.state in (EntryState.WRITTEN, EntryState.FAILED) and entry.read is None:
                 read = self._claim_read(entry)
         if read is not None:
-            self._start_read(entry, *read)
+            self._start_read(entry, read)
 
     def wait(self, handle: torch.Tensor) -> torch.Tensor:
         """Return the stored tensor, on its original device and with its layout.
 
-        If the engine still holds the bytes (the write has not finished), they
-        are handed over once the write is done (on a GPU at once, as a device
-        copy: see ``_forward_to_device``): no read ("forwarding"). The
-        slot stays valid either way, so a second ``wait`` on the same handle
-        (``retain_graph=True``) reads it again.
+        If the engine still holds the bytes (the writes have not finished),
+        they are handed over ("forwarding", no read): on a GPU at once, as a
+        device copy; on the CPU the staging buffer itself, once written. The
+        slots stay valid either way, so a second ``wait`` on the same handle
+        (``retain_graph=True``) reads them again.
         """
         entry = self._entry(handle)
-        assert entry.write is not None
-        if entry.host.copies_out:
-            with self._lock:
-                failed = entry.state is WriteState.FAILED
-            if failed:
-                self._check_keep(entry)  # a failed write under on_io_error="raise" raises
-            with self._lock:
-                staging = entry.staging
-                entry.staging_shared |= staging is not None
-            if staging is not None:
-                return self._forward_to_device(entry, staging)
         with self._lock:
-            claimed = entry.staging if entry.state is WriteState.WRITING else None
-            entry.staging = None if claimed is not None else entry.staging
-        if claimed is not None:
-            # Forwarding: this waiter alone gets the engine's copy, once written.
-            entry.write.wait()
-            with self._lock:
-                failed = entry.state is WriteState.FAILED
-                if failed:
-                    entry.staging = claimed
-            if failed:
-                out = self._kept_copy(entry, claimed)
-            else:
-                out = view_as(claimed, *self._layout(entry))
-                stats.add("tensors_forwarded")
-        else:
-            out = self._wait_written(entry)
-        return entry.host.to_device(out, entry.device)
+            staging = entry.staging
+            if staging is not None:  # only while WRITING or FORWARDING
+                entry.state = EntryState.FORWARDING
+                if not entry.host.copies_out:
+                    entry.staging = None  # this waiter alone gets the engine's copy
+        if staging is None:
+            return entry.host.to_device(self._restored(entry), entry.device)
 
-    def _forward_to_device(self, entry: _Entry, staging: torch.Tensor) -> torch.Tensor:
-        """A device copy of the pinned staging bytes, queued after the store's copy into them.
+        def written() -> None:
+            self._wait_writes(entry)
+            self._check_failed(entry)
 
-        It leaves the buffer untouched, so it need not wait for the write (the
-        host runs ahead of the device: backward often waits before the write
-        could start); the buffer then goes to the caching host allocator,
-        which tracks the copy, not to the pool. Also the way back after a
-        failed write under ``on_io_error="keep"``.
-        """
-        assert isinstance(entry.host, PinnedStaging) and entry.copied is not None
+        staged = view_as(staging, *self._layout(entry))
+        out = entry.host.forward(staged, entry.copied, entry.device, written)
         stats.add("tensors_forwarded")
-        return entry.host.copy_out(
-            view_as(staging, *self._layout(entry)), entry.copied, entry.device
-        )
+        return out
 
-    def _check_keep(self, entry: _Entry) -> None:
-        """Raise the failed write of ``entry`` unless ``on_io_error`` is "keep"."""
-        if self.config.on_io_error == "raise":
-            assert entry.write_error is not None
-            raise self._io_error("could not write", entry, entry.write_error)
-
-    def _kept_copy(self, entry: _Entry, kept: torch.Tensor) -> torch.Tensor:
-        """A FAILED entry's tensor: a copy of its kept staging bytes, the only ones there are."""
-        self._check_keep(entry)
-        stats.add("tensors_forwarded")
-        return view_as(kept.clone(), *self._layout(entry))
-
-    def _wait_written(self, entry: _Entry) -> torch.Tensor:
-        """The tensor of an entry whose staging copy someone else has, or that was dropped."""
-        entry.write.wait()  # a read must never overtake the write of its slot
+    def _restored(self, entry: _Entry) -> torch.Tensor:
+        """The tensor of an entry whose staging copy is gone: read back, with any kept bytes."""
+        self._wait_writes(entry)  # a read must never overtake the write of its slots
+        self._check_failed(entry)
         started = None
         with self._lock:
-            kept = entry.staging if entry.state is WriteState.FAILED else None
-            if kept is None and entry.read is None:
+            if entry.read is None:
                 started = self._claim_read(entry)
             read = entry.read
             entry.read = None
         if started is not None:
-            self._start_read(entry, *started)
-        if kept is not None:
-            return self._kept_copy(entry, kept)
-        assert read is not None and read.buffer is not None
+            self._start_read(entry, started)
+        assert read is not None
         error = read.wait()
         if error is not None:
-            raise self._io_error("cannot read back", entry, error) from error
+            raise self._io_error("cannot read back", entry, error, self._read_drive(entry, error))
+        assert read.buffer is not None
+        if all(share.kept is not None for share in entry.shares):
+            stats.add("tensors_forwarded")  # nothing was read: every byte was in memory
         return view_as(read.buffer, *self._layout(entry))
+
+    def _wait_writes(self, entry: _Entry) -> None:
+        for share in entry.shares:
+            assert share.write is not None
+            share.write.wait()
+
+    def _check_failed(self, entry: _Entry) -> None:
+        """Under ``on_io_error="raise"``, raise the failed write of a settled ``entry``."""
+        with self._lock:
+            failed = [s for s in entry.shares if s.error is not None]
+        if failed and self.config.on_io_error == "raise":
+            share = failed[0]
+            assert share.error is not None
+            raise self._io_error("could not write", entry, share.error, share.drive)
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -306,12 +314,17 @@ class Engine:
         """Bytes of idle buffers the staging pool keeps for reuse."""
         return self._staging.held_bytes
 
+    @property
+    def drive_weights(self) -> tuple[float, ...]:
+        """Each drive's weight in splitting tensors over the drives (``Striping``)."""
+        return self._striping.weights
+
     def owns(self, entry_id: int) -> bool:
         with self._lock:
             return entry_id in self._entries or entry_id in self._live_at_close
 
     def close(self) -> None:
-        """Finish pending I/O and remove the private directory (idempotent).
+        """Finish pending I/O and remove the private directories (idempotent).
 
         Queued chunks run rather than being cancelled: a thread may be in
         ``wait`` for one of them. (A released entry's chunks were cancelled
@@ -323,10 +336,11 @@ class Engine:
             self._closed = True
             self._live_at_close = frozenset(self._entries)
             self._entries.clear()
-        self._pool.shutdown(wait=True)
+        for drive in self.drives:
+            drive.pool.shutdown(wait=True)
         self._staging.clear()
-        self.file.close()
-        self._private_dir.remove()
+        for drive in self.drives:
+            drive.close()
 
     @staticmethod
     def _layout(entry: _Entry) -> tuple:
@@ -340,7 +354,7 @@ class Engine:
             entry = self._entries.get(entry_id)
         if entry is None:
             raise RuntimeError(
-                f"fxoffload: handle #{entry_id} is not live in the engine for {self.root!r}"
+                f"fxoffload: handle #{entry_id} is not live in the engine for {self._where()}"
             )
         return entry
 
@@ -359,71 +373,115 @@ class Engine:
                 stats.add("store_wait_ns", int((time.perf_counter() - started) * 1e9))
             self._inflight += nbytes
 
-    # -- I/O ---------------------------------------------------------------------
-
-    def _start_write(self, entry: _Entry, buffer: torch.Tensor, copied) -> None:
-        try:
-            entry.slot = self.file.allocate(entry.nbytes)
-        except OSError as err:
-            if self.config.on_io_error == "raise":
-                raise self._io_error("no room for", entry, err) from err
-            entry.write = Transfer(1, lambda e: self._finish_write(entry, e))
-            entry.write.chunk_done(err)
-            return
-        slot = entry.slot
-        entry.checksums = [0] * self._chunked.n_chunks(slot)
-        entry.write = Transfer(
-            len(entry.checksums),
-            lambda err: self._finish_write(entry, err),
-            buffer,
-            drop_buffer=True,
-        )
-        ready = copied.synchronize if copied is not None else None
-        self._queue(self._chunked.write, entry.write, slot, entry.checksums, ready)
-
     def _forget(self, entry: _Entry | None, nbytes: int) -> None:
         """Undo a store that raised: no entry, and its reservation given back.
 
-        A write that settled gave it back itself (a failed one in keep mode,
-        whose warning ``-W error`` raises); otherwise nothing is being written,
-        and a reservation kept would have later stores wait for bytes that
-        never land.
+        Writes that settled gave it back themselves (a failed one in keep mode,
+        whose warning ``-W error`` raises); otherwise a reservation kept would
+        have later stores wait for bytes that never land.
         """
         with self._lock:
             if entry is not None:
                 self._entries.pop(entry.id, None)
-            if entry is None or entry.state is WriteState.WRITING:
+            if entry is None or entry.state in (EntryState.WRITING, EntryState.FORWARDING):
                 self._inflight -= nbytes
                 self._inflight_changed.notify_all()
 
-    def _closed_error(self) -> RuntimeError:
-        return RuntimeError(f"fxoffload engine for {self.root!r} is closed")
+    def _where(self) -> str:
+        return repr(self.roots[0]) if len(self.roots) == 1 else repr(list(self.roots))
 
-    def _io_error(self, what: str, entry: _Entry, err: BaseException) -> RuntimeError:
-        free = shutil.disk_usage(self.directory).free
+    def _closed_error(self) -> RuntimeError:
+        return RuntimeError(f"fxoffload engine for {self._where()} is closed")
+
+    def _io_error(self, what: str, entry: _Entry, err: BaseException, drive: Drive) -> RuntimeError:
         return RuntimeError(
             f"fxoffload: {what} offloaded tensor #{entry.id} ({entry.nbytes} bytes, shape "
-            f"{list(entry.shape)}, {entry.dtype}) in {self.file.path} ({free} bytes free "
-            f"in {self.directory}): {err}"
+            f"{list(entry.shape)}, {entry.dtype}) in {drive.file.path} ({drive.free_bytes()} "
+            f"bytes free in {drive.directory}): {err}"
         )
 
-    def _finish_write(self, entry: _Entry, error: BaseException | None) -> None:
-        staging = None
+    # -- I/O ---------------------------------------------------------------------
+
+    def _start_writes(self, entry: _Entry, buffer: torch.Tensor, copied) -> None:
+        """Give each share a slot and queue its chunks; a share without room fails alone.
+
+        Under ``on_io_error="raise"`` no room is an error at once, before any
+        chunk is queued.
+        """
+        for share in entry.shares:
+            try:
+                share.slot = share.drive.file.allocate(share.length)
+            except OSError as err:
+                if self.config.on_io_error == "raise":
+                    self._free_slots(entry)
+                    raise self._io_error("no room for", entry, err, share.drive) from err
+                share.error = err
+        ready = copied.synchronize if copied is not None else None
+        for i, share in enumerate(entry.shares):
+            settled = self._share_settled(entry, share)
+            if share.slot is None:
+                share.write = Transfer(1, settled, buffer[share.start : share.start + share.length])
+                share.write.chunk_done(share.error)
+                continue
+            end = share.start + share.slot.length
+            share.checksums = [0] * share.drive.chunked.n_chunks(share.slot)
+            share.write = Transfer(
+                len(share.checksums), settled, buffer[share.start : end], drop_buffer=True
+            )
+            try:
+                self._queue(
+                    share.drive.chunked.write, share.write, share.slot, share.checksums, ready
+                )
+            except BaseException as err:
+                for later in entry.shares[i + 1 :]:  # never to be queued: settle them too
+                    later.write = Transfer(1, self._share_settled(entry, later))
+                    later.write.chunk_done(err)
+                raise
+
+    def _share_settled(
+        self, entry: _Entry, share: _Share
+    ) -> Callable[[BaseException | None], None]:
+        """The callback of ``share``'s write: the last share to settle finishes the entry."""
+
+        def settled(error: BaseException | None) -> None:
+            with self._lock:
+                share.error = error
+                entry.unsettled -= 1
+                last = entry.unsettled == 0
+            if last:
+                self._finish_write(entry)
+
+        return settled
+
+    def _finish_write(self, entry: _Entry) -> None:
+        """The last share settled: WRITTEN, or FAILED with the failed shares' bytes kept."""
+        failed = [share for share in entry.shares if share.error is not None]
+        kept: dict[int, torch.Tensor] = {}
+        if failed:
+            if entry.copied is not None:
+                entry.copied.synchronize()  # no chunk may have waited for the copy into staging
+            with self._lock:
+                released, whole = entry.released, None
+                if not released and len(entry.shares) == 1:
+                    # The engine's own copy, if no wait has it, is kept as it is; taken
+                    # from the entry now, so that no wait ever owns the kept bytes.
+                    whole, entry.staging = entry.staging, None
+            for share in [] if released else failed:
+                assert share.write is not None and share.write.buffer is not None
+                view = share.write.buffer[: share.length]
+                kept[id(share)] = view if whole is not None else view.clone()
         with self._lock:
-            entry.state = WriteState.WRITTEN if error is None else WriteState.FAILED
+            for share in failed:
+                assert share.write is not None
+                share.kept, share.write.buffer = kept.get(id(share)), None
+            forwarded = entry.state is EntryState.FORWARDING
+            entry.state = EntryState.FAILED if failed else EntryState.WRITTEN
             released = entry.released
-            if error is not None:
-                entry.write_error = error
-                warn = not self._warned
-                self._warned = True
-            else:
-                # Unless a forwarding wait took it (then it is the restored tensor's
-                # memory), nobody holds the copy now: it can stage another store.
-                staging, entry.staging = entry.staging, None
-                if entry.staging_shared:  # a device copy may still be reading it
-                    staging = None
-                elif not entry.host.reusable(entry.copied):
-                    staging = None
+            staging, entry.staging = entry.staging, None
+            if failed or forwarded or not entry.host.reusable(entry.copied):
+                staging = None  # kept, or a wait (or a device copy) still has it
+            warn = failed and not self._warned
+            self._warned |= bool(failed)
         try:
             if staging is not None:
                 self._staging.give(staging, pin_memory=entry.host.pinned)
@@ -433,33 +491,64 @@ class Engine:
                 self._inflight -= entry.nbytes
                 self._inflight_changed.notify_all()
             if released:
-                self._free_slot(entry)
-        if error is not None:
+                self._free_slots(entry)
+        if failed:
             stats.add("io_errors")
             if warn:  # last: under -W error it raises, and nothing may be left undone
+                share = failed[0]
+                what = (
+                    f"the tensor in memory instead ({entry.nbytes} bytes)"
+                    if share.length == entry.nbytes
+                    else f"{share.length} of the tensor's {entry.nbytes} bytes in memory instead"
+                )
                 warnings.warn(
-                    f"fxoffload: writing to {self.file.path} failed ({error}); keeping the "
-                    f"tensor in memory instead ({entry.nbytes} bytes). Gradients are "
-                    "unaffected; fxoffload.stats().io_errors counts every such tensor.",
+                    f"fxoffload: writing to {share.drive.file.path} failed ({share.error}); "
+                    f"keeping {what}. Gradients are unaffected; fxoffload.stats().io_errors "
+                    "counts every such tensor.",
                     RuntimeWarning,
                     stacklevel=1,
                 )
 
-    def _claim_read(self, entry: _Entry) -> tuple[Transfer, Slot]:
-        """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held)."""
-        assert entry.slot is not None
-        entry.read = Transfer(self._chunked.n_chunks(entry.slot), lambda err: None)
-        return entry.read, entry.slot
+    def _claim_read(self, entry: _Entry) -> Transfer:
+        """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held).
 
-    def _start_read(self, entry: _Entry, read: Transfer, slot: Slot) -> None:
-        """Take a claimed read's buffer and queue its chunks, without the engine lock:
-        allocating faults pages in, which must not stall ``store`` and the I/O threads."""
+        Its parts: each chunk on disk, and one for copying in the bytes kept in memory.
+        """
+        chunks = sum(s.drive.chunked.n_chunks(s.slot) for s in self._on_disk(entry))
+        entry.read = Transfer(chunks + 1, lambda err: None)
+        return entry.read
+
+    def _start_read(self, entry: _Entry, read: Transfer) -> None:
+        """Take a claimed read's buffer, copy in any kept bytes and queue the chunks on disk,
+        without the engine lock: allocating faults pages in, which must not stall ``store``
+        and the I/O threads."""
+        on_disk = self._on_disk(entry)
+        remaining = 1 + sum(s.drive.chunked.n_chunks(s.slot) for s in on_disk)
         try:
             read.buffer = entry.host.read_buffer(entry.nbytes)
+            for share in entry.shares:
+                if share.kept is not None:
+                    read.buffer[share.start : share.start + share.length].copy_(share.kept)
+            remaining -= 1
+            read.chunk_done()
+            for share in on_disk:
+                remaining -= share.drive.chunked.n_chunks(share.slot)  # _queue settles these
+                chunked = share.drive.chunked
+                self._queue(chunked.read, read, share.start, share.slot, share.checksums)
         except BaseException as err:
-            read.settle(self._chunked.n_chunks(slot), err)
+            read.settle(remaining, err)
             raise
-        self._queue(self._chunked.read, read, slot, entry.checksums)
+
+    @staticmethod
+    def _on_disk(entry: _Entry) -> list[_Share]:
+        return [s for s in entry.shares if s.kept is None and s.slot is not None]
+
+    def _read_drive(self, entry: _Entry, error: BaseException) -> Drive:
+        """The drive a read error names: the one whose file it is about, else the first read."""
+        drives = [s.drive for s in self._on_disk(entry)]
+        path = getattr(error, "filename", None)
+        named = [d for d in drives if d.file.path == path]
+        return (named or drives or [entry.shares[0].drive])[0]
 
     def _queue(self, submit: Callable[..., None], *args: object) -> None:
         """Queue a transfer's chunks; a pool shut down since the entry was found means closed."""
@@ -478,20 +567,21 @@ class Engine:
                 return
             del self._entries[entry_id]
             entry.released = True
-            write, read = entry.write, entry.read
-            entry.read = None
-            writing = entry.state is WriteState.WRITING
+            read, entry.read = entry.read, None
+            writing = entry.state in (EntryState.WRITING, EntryState.FORWARDING)
             if not writing:
                 entry.staging = None
         if read is not None:
             read.cancel()
         if writing:
-            assert write is not None
-            write.cancel()  # the last chunk to settle frees the slot
+            for share in entry.shares:
+                assert share.write is not None
+                share.write.cancel()  # the last chunk to settle frees the slots
         else:
-            self._free_slot(entry)
+            self._free_slots(entry)
 
-    def _free_slot(self, entry: _Entry) -> None:
-        if entry.slot is not None:
-            self.file.free(entry.slot)
-            entry.slot = None
+    def _free_slots(self, entry: _Entry) -> None:
+        for share in entry.shares:
+            if share.slot is not None:
+                share.drive.file.free(share.slot)
+                share.slot = None

@@ -17,7 +17,7 @@ that the engine's ``store`` and ``wait`` each have one path:
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -43,8 +43,8 @@ class HostStaging(abc.ABC):
     pinned: bool
     """Its buffers are pinned (the pool keeps them apart)."""
     copies_out: bool
-    """A forwarding ``wait`` gets a device copy of the buffer at once (:meth:`copy_out`)
-    rather than the buffer itself once it is written."""
+    """A forwarding ``wait`` gets a device copy of the buffer at once, rather than the
+    buffer itself once it is written (:meth:`forward`)."""
 
     def __init__(self, pool: StagingPool) -> None:
         self.pool = pool
@@ -63,6 +63,17 @@ class HostStaging(abc.ABC):
     @abc.abstractmethod
     def to_device(self, restored: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The restored host tensor on the stored tensor's device."""
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        staged: torch.Tensor,
+        copied: torch.cuda.Event | None,
+        device: torch.device,
+        written: Callable[[], None],
+    ) -> torch.Tensor:
+        """The stored tensor from its staging bytes ``staged`` (viewed in its layout), whose
+        writes may not have ended; ``written()`` waits for them, raising if one failed."""
 
     def reusable(self, copied: torch.cuda.Event | None) -> bool:
         """Whether a buffer whose write has settled may stage another store."""
@@ -86,6 +97,10 @@ class PageableStaging(HostStaging):
     def to_device(self, restored: torch.Tensor, device: torch.device) -> torch.Tensor:
         return restored if device.type == "cpu" else restored.to(device, non_blocking=True)
 
+    def forward(self, staged, copied, device, written) -> torch.Tensor:
+        written()  # the buffer becomes the tensor: no write may still read it
+        return self.to_device(staged, device)
+
 
 class PinnedStaging(HostStaging):
     pinned = True
@@ -106,10 +121,13 @@ class PinnedStaging(HostStaging):
     def to_device(self, restored: torch.Tensor, device: torch.device) -> torch.Tensor:
         return restored.to(device, non_blocking=True)
 
-    def copy_out(
-        self, staged: torch.Tensor, copied: torch.cuda.Event, device: torch.device
-    ) -> torch.Tensor:
-        """A device copy of ``staged``, queued on the current stream after the copy into it."""
+    def forward(self, staged, copied, device, written) -> torch.Tensor:
+        """A device copy of ``staged``, queued on the current stream after the copy into it.
+
+        It leaves the buffer as it is, so it need not wait for the writes (the
+        host runs ahead of the device: backward often waits before they start).
+        """
+        assert copied is not None
         torch.cuda.current_stream(device).wait_event(copied)
         return staged.to(device, non_blocking=True)
 

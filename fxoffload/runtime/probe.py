@@ -1,7 +1,7 @@
 """Measure the rates the planner's cost model needs, once, and remember them.
 
-The disk is measured through the engine's own offload file (its I/O mode,
-chunk size and thread count): sequential chunks written and read back by
+A disk is measured through a probe file beside a drive's offload file (in
+the engine's I/O mode, chunk size and thread count): sequential chunks written and read back by
 ``io_threads`` threads, each checksummed as the engine does when it
 verifies; then what that I/O costs compute on the CPU, as the slowdown of a
 matmul loop beside it.
@@ -25,14 +25,18 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import torch
 
 from fxoffload.runtime.checksum import checksum
-from fxoffload.runtime.engine import Engine
+from fxoffload.runtime.drives import Drive
 from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
+
+if TYPE_CHECKING:
+    from fxoffload.runtime.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,37 +53,73 @@ def cache_path() -> str:
 
 
 DISK_PROBE_BYTES = 64 << 20
+"""Bytes the disk probe moves, or a quarter of the free space if that is less."""
 
 
 UNMEASURED_BYTES_PER_S = 1.0
 """The rate assumed for a disk that could not be measured: too slow to hide anything."""
 
 
+def file_system(path: str) -> str:
+    """Names the file system that holds ``path`` in disk cache keys: its device number and its
+    file system id (``statvfs``'s ``f_fsid``), so that a device number the kernel gives to a
+    later mount (a new tmpfs) does not find the rates of the earlier one."""
+    return f"{os.stat(path).st_dev}.{os.statvfs(path).f_fsid}"
+
+
 def disk_rates(engine: Engine) -> tuple[float, float, float]:
-    """(write, read) bytes per second of ``engine``'s offload file, and the compute seconds
-    its I/O takes from a CPU device per byte moved; cached per directory.
+    """(write, read) bytes per second of ``engine``'s drives together, and the compute seconds
+    their I/O takes from a CPU device per byte moved.
+
+    Drives on one file system share its bandwidth, so each file system counts
+    once: the rates are the sums of those of the file systems the drives are
+    on, and the compute per byte their mean, weighted by write rate.
+    """
+    one_per_fs = {file_system(d.root): d for d in engine.drives}
+    rates = [drive_rates(d, engine.config) for d in one_per_fs.values()]
+    write = sum(r[0] for r in rates)
+    read = sum(r[1] for r in rates)
+    return write, read, sum(r[0] * r[2] for r in rates) / write
+
+
+def drive_weights(drives: Sequence[Drive], config: EngineConfig) -> list[float]:
+    """How to split tensors over ``drives``: equally on one file system, else by the write
+    rate of each drive's file system, shared equally by the drives on it."""
+    devices = [file_system(d.root) for d in drives]
+    if len(set(devices)) == 1:
+        return [1.0] * len(drives)
+    return [
+        drive_rates(d, config)[0] / devices.count(dev)
+        for d, dev in zip(drives, devices, strict=True)
+    ]
+
+
+def drive_rates(drive: Drive, config: EngineConfig) -> tuple[float, float, float]:
+    """(write, read) bytes per second of ``drive``'s offload file, and the compute seconds its
+    I/O takes from a CPU device per byte moved; cached per file system and I/O settings.
 
     A disk that cannot be measured (no room for the probe, an I/O error) gets
     ``UNMEASURED_BYTES_PER_S``, with a warning, and is not cached: the
-    planner then offloads nothing under ``"adaptive"``.
+    planner then offloads nothing under ``"adaptive"``, and a drive beside
+    others gets next to no bytes.
     """
-    mode = "direct" if engine.file.direct else "buffered"
-    verify = "verify" if engine.config.verify else "raw"
+    mode = "direct" if drive.file.direct else "buffered"
+    verify = "verify" if config.verify else "raw"
     key = (
-        f"disk:{os.stat(engine.root).st_dev}:{mode}:{engine.config.io_threads}"
-        f":{engine.config.chunk_bytes}:{verify}:{torch.get_num_threads()}"
+        f"disk:{file_system(drive.root)}:{mode}:{config.io_threads}"
+        f":{config.chunk_bytes}:{verify}:{torch.get_num_threads()}"
     )
     cached = _cached(key, 3)
     if cached is None:
         try:
-            cached = _measure_disk(engine)
+            cached = _measure_disk(drive, config)
         except OSError as e:
             warnings.warn(
-                f"fxoffload could not measure the disk of {engine.root!r} ({e}); "
+                f"fxoffload could not measure the disk of {drive.root!r} ({e}); "
                 "planning as if it were too slow to offload anything. Give "
                 "write_bytes_per_s and read_bytes_per_s to plan without measuring.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,  # where the engine was made or the plan asked for rates
             )
             return UNMEASURED_BYTES_PER_S, UNMEASURED_BYTES_PER_S, 0.0
         _remember(key, cached)
@@ -111,13 +151,13 @@ def compute_rates(device: torch.device) -> tuple[float, float, float, float]:
 
 
 class _ProbeIO:
-    """A probe file next to the engine's, moved in its I/O mode, chunk size and thread count,
-    each chunk checksummed as the engine does when it verifies."""
+    """A probe file next to a drive's, moved in the engine's I/O mode, chunk size and thread
+    count, each chunk checksummed as the engine does when it verifies."""
 
-    def __init__(self, engine: Engine, file: OffloadFile, nbytes: int) -> None:
-        self.chunk = engine.config.chunk_bytes
-        self.threads = engine.config.io_threads
-        self.verify = engine.config.verify
+    def __init__(self, config: EngineConfig, file: OffloadFile, nbytes: int) -> None:
+        self.chunk = config.chunk_bytes
+        self.threads = config.io_threads
+        self.verify = config.verify
         self.file = file
         self.slot = file.allocate(nbytes)
         self.buf = aligned_buffer(nbytes)  # the view does not keep it alive
@@ -167,7 +207,7 @@ class _ProbeIO:
                 worker.join()
 
 
-def _measure_disk(engine: Engine) -> tuple[float, float, float]:
+def _measure_disk(drive: Drive, config: EngineConfig) -> tuple[float, float, float]:
     """Write then read a probe file, then measure what that I/O costs compute.
 
     Writes are timed as the engine issues them, without a sync. In buffered
@@ -175,11 +215,11 @@ def _measure_disk(engine: Engine) -> tuple[float, float, float]:
     the reads, so these measure the device: the page cache is memory that
     offloading is meant to free, and it may not hold the bytes by backward.
     """
-    chunk = engine.config.chunk_bytes
-    nbytes = max(DISK_PROBE_BYTES // chunk, 1) * chunk
-    file = OffloadFile(engine.directory, direct=engine.file.direct, name="probe.bin")
+    chunk = config.chunk_bytes
+    nbytes = max(min(DISK_PROBE_BYTES, drive.free_bytes() // 4) // chunk, 1) * chunk
+    file = OffloadFile(drive.directory, direct=drive.file.direct, name="probe.bin")
     try:
-        probe = _ProbeIO(engine, file, nbytes)
+        probe = _ProbeIO(config, file, nbytes)
         with ThreadPoolExecutor(probe.threads) as pool:
             wrote = probe.timed(pool, probe.write)
             if not file.direct:
@@ -192,7 +232,7 @@ def _measure_disk(engine: Engine) -> tuple[float, float, float]:
     rates = (nbytes / wrote, nbytes / read, lost)
     log.info(
         "disk of %s: write %.2f GB/s, read %.2f GB/s, I/O takes %.2f ms of CPU compute per GB",
-        engine.root,
+        drive.root,
         rates[0] / 1e9,
         rates[1] / 1e9,
         rates[2] * 1e12,
@@ -284,7 +324,7 @@ def cached_rates(directory: str | None = None) -> dict[str, tuple[float, ...]]:
     """
     prefixes = ("compute:", "disk:")
     if directory is not None:
-        prefixes = ("compute:", f"disk:{os.stat(directory).st_dev}:")
+        prefixes = ("compute:", f"disk:{file_system(directory)}:")
     return {
         key: tuple(float(v) for v in value)
         for key, value in _read_table().items()

@@ -1,4 +1,4 @@
-"""The engines of this process, one per offload directory and I/O settings, closed at exit.
+"""The engines of this process, one per offload directories and I/O settings, closed at exit.
 
 An engine is what its directory and settings make it, so it is keyed by
 both: a compiled graph names them (``fxoffload.ops.engine_key``) and finds
@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -20,19 +21,21 @@ from fxoffload.runtime.engine import Engine, EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
-_engines: dict[tuple[str, EngineConfig], Engine] = {}
+_engines: dict[tuple[tuple[str, ...], EngineConfig], Engine] = {}
 _named: dict[str, Engine] = {}
 """Engines by the key a graph names them with: a store looks its engine up once per key."""
 
 
-def engine_for(root: str, config: EngineConfig | None = None) -> Engine:
-    """The engine for ``root`` with ``config``, created (and its directory checked) on first use."""
+def engine_for(roots: str | Sequence[str], config: EngineConfig | None = None) -> Engine:
+    """The engine for directory ``roots`` (or several, one per drive) with ``config``, created
+    (and its directories checked) on first use."""
     config = config or EngineConfig()
-    key = (os.path.realpath(root), config)
+    roots = (roots,) if isinstance(roots, str) else tuple(roots)
+    key = (tuple(os.path.realpath(root) for root in roots), config)
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = _engines[key] = Engine(root, config)
+            engine = _engines[key] = Engine(roots, config)
         return engine
 
 
@@ -70,12 +73,13 @@ def engines() -> list[Engine]:
 def snapshot() -> stats.OffloadStats:
     """The counters plus the gauges of every live engine."""
     live = engines()
-    modes = sorted({"direct" if e.file.direct else "buffered" for e in live})
+    files = [drive.file for e in live for drive in e.drives]
+    modes = sorted({"direct" if f.direct else "buffered" for f in files})
     return stats.OffloadStats(
         **stats.counters(),
         handles_live=sum(e.live_entries() for e in live),
-        slot_bytes_in_use=sum(e.file.bytes_in_use for e in live),
-        file_bytes=sum(e.file.size for e in live),
+        slot_bytes_in_use=sum(f.bytes_in_use for f in files),
+        file_bytes=sum(f.size for f in files),
         staging_bytes_held=sum(e.staging_bytes_held for e in live),
         io_mode="+".join(modes),
     )

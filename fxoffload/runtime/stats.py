@@ -11,6 +11,11 @@ def _counter() -> dataclasses.Field:
     return dataclasses.field(default=0, metadata={"gauge": False})
 
 
+def _counter_by_dir() -> dataclasses.Field:
+    """A counter per offload directory (as ``offload_dir`` names it)."""
+    return dataclasses.field(default_factory=dict, metadata={"gauge": False})
+
+
 def _gauge(default: int | str) -> dataclasses.Field:
     """A field of what is held right now, never reset."""
     return dataclasses.field(default=default, metadata={"gauge": True})
@@ -32,6 +37,10 @@ class OffloadStats:
     """Bytes written to offload files (slots are padded to 4 KiB)."""
     bytes_read: int = _counter()
     """Bytes read back from offload files."""
+    bytes_written_by_dir: dict[str, int] = _counter_by_dir()
+    """``bytes_written`` by offload directory."""
+    bytes_read_by_dir: dict[str, int] = _counter_by_dir()
+    """``bytes_read`` by offload directory."""
     tensors_forwarded: int = _counter()
     """Waits served from memory, because the tensor was still there: no read."""
     io_errors: int = _counter()
@@ -67,9 +76,9 @@ class OffloadStats:
         return dataclasses.asdict(self)
 
 
-COUNTERS = tuple(f.name for f in dataclasses.fields(OffloadStats) if not f.metadata["gauge"])
 _lock = RuntimeLock()  # counters() allocates under it: a collection may run a finalizer there
-_values: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+_values: dict[str, int] = {}
+_by_dir: dict[str, dict[str, int]] = {}
 
 
 def add(name: str, amount: int = 1) -> None:
@@ -77,12 +86,28 @@ def add(name: str, amount: int = 1) -> None:
         _values[name] += amount
 
 
-def counters() -> dict[str, int]:
+def add_for(directory: str, name: str, amount: int) -> None:
+    """Add to counter ``name`` and to its count for ``directory`` (``<name>_by_dir``)."""
     with _lock:
-        return dict(_values)
+        _values[name] += amount
+        per_dir = _by_dir[f"{name}_by_dir"]
+        per_dir[directory] = per_dir.get(directory, 0) + amount
+
+
+def counters() -> dict[str, int | dict[str, int]]:
+    with _lock:
+        return {**_values, **{name: dict(counts) for name, counts in _by_dir.items()}}
 
 
 def reset() -> None:
     with _lock:
-        for name in COUNTERS:
-            _values[name] = 0
+        for field in dataclasses.fields(OffloadStats):
+            if field.metadata["gauge"]:
+                continue
+            if field.default_factory is dict:
+                _by_dir[field.name] = {}
+            else:
+                _values[field.name] = 0
+
+
+reset()

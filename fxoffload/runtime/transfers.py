@@ -1,4 +1,4 @@
-"""Chunked transfers: a slot of the offload file moved in chunks over the I/O threads.
+"""Chunked transfers: a slot of an offload file moved in chunks over its drive's I/O threads.
 
 Each tensor is split into ``chunk_bytes`` chunks, written and read by several
 threads at positional offsets of the file; with ``verify``, each chunk's
@@ -31,8 +31,8 @@ class Transfer:
     even when its entry is released mid-transfer. A write lets go of it after
     the last chunk (``drop_buffer``): the entry keeps its transfer until the
     handle dies, and holding the staging copy that long would undo the very
-    memory saving offloading is for. A read keeps it: it is what ``wait``
-    returns.
+    memory saving offloading is for. A failed write and a read keep it: the
+    failed bytes stay in memory, and a read's buffer is what ``wait`` returns.
     """
 
     def __init__(
@@ -61,15 +61,18 @@ class Transfer:
                 self._error = error.with_traceback(None)
             last = self._remaining == 0
         if last:
-            if self._drop_buffer:
-                self.buffer = None
-            # Dropped once called: it refers to the entry that holds this transfer,
-            # and without that cycle an entry dies with its handle, not at a collection.
-            on_done, self._on_done = self._on_done, None
-            try:
-                on_done(self._error)
-            finally:
-                self._done.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        if self._drop_buffer and self._error is None:
+            self.buffer = None
+        # Dropped once called: it refers to the entry that holds this transfer,
+        # and without that cycle an entry dies with its handle, not at a collection.
+        on_done, self._on_done = self._on_done, None
+        try:
+            on_done(self._error)
+        finally:
+            self._done.set()
 
     def settle(self, n_chunks: int, error: BaseException) -> None:
         """Count ``n_chunks`` chunks that will never be queued as done, with ``error``."""
@@ -97,15 +100,23 @@ class ChunkedFile:
 
     A chunk that cannot be queued (the pool shut down) settles its transfer
     with the error, so nobody waits for it forever; the error is raised too.
+    Bytes moved are counted for ``root``, the offload directory of ``file``.
     """
 
     def __init__(
-        self, file: OffloadFile, pool: ThreadPoolExecutor, chunk_bytes: int, *, verify: bool
+        self,
+        file: OffloadFile,
+        pool: ThreadPoolExecutor,
+        chunk_bytes: int,
+        *,
+        verify: bool,
+        root: str,
     ) -> None:
         self.file = file
         self._pool = pool
         self._chunk_bytes = chunk_bytes
         self._verify = verify
+        self._root = root
 
     def n_chunks(self, slot: Slot) -> int:
         return -(-slot.length // self._chunk_bytes)
@@ -119,15 +130,16 @@ class ChunkedFile:
     ) -> None:
         """Write ``transfer.buffer`` to ``slot``, each chunk once ``ready()`` returns;
         ``checksums`` gets each chunk's checksum."""
-        self._submit(transfer, slot, self._write_chunk, checksums, ready)
+        self._submit(transfer, 0, slot, self._write_chunk, checksums, ready)
 
-    def read(self, transfer: Transfer, slot: Slot, checksums: list[int]) -> None:
-        """Read ``slot`` into ``transfer.buffer``, each chunk checked against ``checksums``."""
-        self._submit(transfer, slot, self._read_chunk, checksums)
+    def read(self, transfer: Transfer, at: int, slot: Slot, checksums: list[int]) -> None:
+        """Read ``slot`` into ``transfer.buffer`` from byte ``at`` (a multiple of 4096) on,
+        each chunk checked against ``checksums``."""
+        self._submit(transfer, at, slot, self._read_chunk, checksums)
 
-    def _submit(self, transfer: Transfer, slot: Slot, job, *extra) -> None:
+    def _submit(self, transfer: Transfer, at: int, slot: Slot, job, *extra) -> None:
         assert transfer.buffer is not None
-        data = as_memoryview(transfer.buffer)[: slot.length]
+        data = as_memoryview(transfer.buffer)[at : at + slot.length]
         starts = range(0, slot.length, self._chunk_bytes)
         for i, start in enumerate(starts):
             view = data[start : start + self._chunk_bytes]
@@ -158,7 +170,7 @@ class ChunkedFile:
         except BaseException as err:  # reported through the transfer
             transfer.chunk_done(err)
             return
-        stats.add("bytes_written", len(view))
+        stats.add_for(self._root, "bytes_written", len(view))
         transfer.chunk_done()
 
     def _read_chunk(
@@ -178,5 +190,5 @@ class ChunkedFile:
         except BaseException as err:
             transfer.chunk_done(err)
             return
-        stats.add("bytes_read", len(view))
+        stats.add_for(self._root, "bytes_read", len(view))
         transfer.chunk_done()
