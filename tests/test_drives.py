@@ -6,6 +6,7 @@ this process may not mount), real threads and real ``torch.compile``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import subprocess
@@ -268,3 +269,48 @@ def test_training_goes_on_while_one_directory_fills(mount, tmp_path) -> None:
     assert by_dir[str(disk)] > 0 and by_dir[str(small)] > 0
     close_all()
     assert os.listdir(disk) == [] and os.listdir(small) == []
+
+
+def test_a_changed_file_is_named_by_its_drive(two_dirs) -> None:
+    engine = Engine([str(d) for d in two_dirs], EngineConfig(io_threads=1, chunk_bytes=4096))
+    try:
+        handle = engine.store(torch.randn(3 * 1024))  # 12 KiB: shares on both drives
+        written(engine)
+        second = engine.drives[1]
+        (share,) = [s for s in engine._entry(handle).shares if s.drive is second]
+        with open(second.file.path, "r+b") as f:
+            f.seek(share.slot.offset)
+            f.write(b"\xff" * 16)
+        with pytest.raises(RuntimeError, match=f"cannot read back .* in {second.file.path} .*"):
+            engine.wait(handle)
+    finally:
+        engine.close()
+
+
+def test_bytes_that_could_not_be_kept_are_an_error_not_garbage(mount, monkeypatch) -> None:
+    full = mount("64k")
+    dirs = [full / "a", full / "b"]  # one file system: equal shares, nothing to measure
+    for d in dirs:
+        d.mkdir()
+    engine = Engine([str(d) for d in dirs], EngineConfig(io_threads=1, chunk_bytes=4096))
+    with contextlib.suppress(OSError), open(full / "filler", "wb", buffering=0) as filler:
+        while True:  # until the tmpfs is full: no room for any share
+            filler.write(b"\0" * 4096)
+
+    def no_memory(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    try:
+        t = torch.randn(4 * 1024)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            monkeypatch.setattr(torch.Tensor, "clone", no_memory)  # keeping the bytes fails
+            handle = engine.store(t)
+            engine._wait_writes(engine._entry(handle))
+            monkeypatch.undo()
+        with pytest.raises(RuntimeError, match="could not keep in memory the bytes it failed"):
+            engine.wait(handle)
+        written(engine)  # the reservation came back: later stores go on
+        assert torch.equal(engine.wait(engine.store(t)), t)
+    finally:
+        engine.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import shutil
 import threading
 import time
 import warnings
@@ -127,6 +128,9 @@ class _Entry:
     copied: torch.cuda.Event | None
     """Marks the copy into ``staging`` done, where it is queued (CUDA: on the caller's stream)."""
     state: EntryState = EntryState.WRITING
+    reserved: bool = True
+    """Its bytes still count in ``max_inflight_bytes``: given back once, by whichever of
+    ``_finish_write`` and ``_forget`` comes first."""
     unsettled: int = 0
     """Shares whose write has not settled yet."""
     read: Transfer | None = None
@@ -254,7 +258,7 @@ class Engine:
 
         def written() -> None:
             self._wait_writes(entry)
-            self._check_failed(entry)
+            self._check_failed(entry, restoring=False)  # this wait has every byte
 
         staged = view_as(staging, *self._layout(entry))
         out = entry.host.forward(staged, entry.copied, entry.device, written)
@@ -264,7 +268,7 @@ class Engine:
     def _restored(self, entry: _Entry) -> torch.Tensor:
         """The tensor of an entry whose staging copy is gone: read back, with any kept bytes."""
         self._wait_writes(entry)  # a read must never overtake the write of its slots
-        self._check_failed(entry)
+        self._check_failed(entry, restoring=True)
         started = None
         with self._lock:
             if entry.read is None:
@@ -287,14 +291,24 @@ class Engine:
             assert share.write is not None
             share.write.wait()
 
-    def _check_failed(self, entry: _Entry) -> None:
-        """Under ``on_io_error="raise"``, raise the failed write of a settled ``entry``."""
+    def _check_failed(self, entry: _Entry, *, restoring: bool) -> None:
+        """Raise for a settled ``entry`` whose write failed under ``on_io_error="raise"``, or,
+        when ``restoring`` it from what the engine keeps, whose failed bytes could not be kept."""
         with self._lock:
             failed = [s for s in entry.shares if s.error is not None]
+            lost = [s for s in failed if s.kept is None]
         if failed and self.config.on_io_error == "raise":
             share = failed[0]
             assert share.error is not None
             raise self._io_error("could not write", entry, share.error, share.drive)
+        if lost and restoring:
+            share = lost[0]
+            raise self._io_error(
+                "could not keep in memory the bytes it failed to write of",
+                entry,
+                share.error,
+                share.drive,
+            )
 
     # -- bookkeeping -----------------------------------------------------------
 
@@ -374,18 +388,21 @@ class Engine:
             self._inflight += nbytes
 
     def _forget(self, entry: _Entry | None, nbytes: int) -> None:
-        """Undo a store that raised: no entry, and its reservation given back.
+        """Undo a store that raised: its entry released as a dead handle's would be, and its
+        reservation given back (if its writes did not already): one kept would have later
+        stores wait for bytes that never land."""
+        if entry is not None:
+            self._release(entry.id)
+        self._unreserve(entry, nbytes)
 
-        Writes that settled gave it back themselves (a failed one in keep mode,
-        whose warning ``-W error`` raises); otherwise a reservation kept would
-        have later stores wait for bytes that never land.
-        """
+    def _unreserve(self, entry: _Entry | None, nbytes: int) -> None:
         with self._lock:
             if entry is not None:
-                self._entries.pop(entry.id, None)
-            if entry is None or entry.state in (EntryState.WRITING, EntryState.FORWARDING):
-                self._inflight -= nbytes
-                self._inflight_changed.notify_all()
+                if not entry.reserved:
+                    return
+                entry.reserved = False
+            self._inflight -= nbytes
+            self._inflight_changed.notify_all()
 
     def _where(self) -> str:
         return repr(self.roots[0]) if len(self.roots) == 1 else repr(list(self.roots))
@@ -394,10 +411,14 @@ class Engine:
         return RuntimeError(f"fxoffload engine for {self._where()} is closed")
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException, drive: Drive) -> RuntimeError:
+        try:
+            free = f"{shutil.disk_usage(drive.directory).free} bytes free"
+        except OSError:  # removed by close
+            free = "directory removed"
         return RuntimeError(
             f"fxoffload: {what} offloaded tensor #{entry.id} ({entry.nbytes} bytes, shape "
-            f"{list(entry.shape)}, {entry.dtype}) in {drive.file.path} ({drive.free_bytes()} "
-            f"bytes free in {drive.directory}): {err}"
+            f"{list(entry.shape)}, {entry.dtype}) in {drive.file.path} ({free} in "
+            f"{drive.directory}): {err}"
         )
 
     # -- I/O ---------------------------------------------------------------------
@@ -434,7 +455,8 @@ class Engine:
                 )
             except BaseException as err:
                 for later in entry.shares[i + 1 :]:  # never to be queued: settle them too
-                    later.write = Transfer(1, self._share_settled(entry, later))
+                    view = buffer[later.start : later.start + later.length]
+                    later.write = Transfer(1, self._share_settled(entry, later), view)
                     later.write.chunk_done(err)
                 raise
 
@@ -457,19 +479,11 @@ class Engine:
         """The last share settled: WRITTEN, or FAILED with the failed shares' bytes kept."""
         failed = [share for share in entry.shares if share.error is not None]
         kept: dict[int, torch.Tensor] = {}
-        if failed:
-            if entry.copied is not None:
-                entry.copied.synchronize()  # no chunk may have waited for the copy into staging
-            with self._lock:
-                released, whole = entry.released, None
-                if not released and len(entry.shares) == 1:
-                    # The engine's own copy, if no wait has it, is kept as it is; taken
-                    # from the entry now, so that no wait ever owns the kept bytes.
-                    whole, entry.staging = entry.staging, None
-            for share in [] if released else failed:
-                assert share.write is not None and share.write.buffer is not None
-                view = share.write.buffer[: share.length]
-                kept[id(share)] = view if whole is not None else view.clone()
+        try:
+            if failed:
+                kept = self._keep(entry, failed)
+        except BaseException:  # no memory for the copy: those bytes are lost, as wait will say
+            kept = {}
         with self._lock:
             for share in failed:
                 assert share.write is not None
@@ -487,9 +501,7 @@ class Engine:
                 self._staging.give(staging, pin_memory=entry.host.pinned)
                 del staging  # freed now unless the pool kept it: before the bytes count as written
         finally:  # whatever the pool raises, later stores must not wait for these bytes
-            with self._lock:
-                self._inflight -= entry.nbytes
-                self._inflight_changed.notify_all()
+            self._unreserve(entry, entry.nbytes)
             if released:
                 self._free_slots(entry)
         if failed:
@@ -509,11 +521,30 @@ class Engine:
                     stacklevel=1,
                 )
 
+    def _keep(self, entry: _Entry, failed: list[_Share]) -> dict[int, torch.Tensor]:
+        """Copies of the failed shares' bytes, by share id, to keep in memory (none once the
+        handle died)."""
+        if entry.copied is not None:
+            entry.copied.synchronize()  # no chunk may have waited for the copy into staging
+        with self._lock:
+            released, whole = entry.released, None
+            if not released and len(entry.shares) == 1:
+                # The engine's own copy, if no wait has it, is kept as it is; taken from
+                # the entry now, so that no wait ever owns the kept bytes.
+                whole, entry.staging = entry.staging, None
+        kept = {}
+        for share in [] if released else failed:
+            assert share.write is not None and share.write.buffer is not None
+            view = share.write.buffer[: share.length]
+            kept[id(share)] = view if whole is not None else view.clone()
+        return kept
+
     def _claim_read(self, entry: _Entry) -> Transfer:
         """Make ``entry``'s read, for :meth:`_start_read` to start (the lock held).
 
         Its parts: each chunk on disk, and one for copying in the bytes kept in memory.
         """
+        assert entry.state in (EntryState.WRITTEN, EntryState.FAILED)
         chunks = sum(s.drive.chunked.n_chunks(s.slot) for s in self._on_disk(entry))
         entry.read = Transfer(chunks + 1, lambda err: None)
         return entry.read
@@ -541,7 +572,7 @@ class Engine:
 
     @staticmethod
     def _on_disk(entry: _Entry) -> list[_Share]:
-        return [s for s in entry.shares if s.kept is None and s.slot is not None]
+        return [s for s in entry.shares if s.error is None]
 
     def _read_drive(self, entry: _Entry, error: BaseException) -> Drive:
         """The drive a read error names: the one whose file it is about, else the first read."""
@@ -575,8 +606,8 @@ class Engine:
             read.cancel()
         if writing:
             for share in entry.shares:
-                assert share.write is not None
-                share.write.cancel()  # the last chunk to settle frees the slots
+                if share.write is not None:  # none: a store that raised before queueing any
+                    share.write.cancel()  # the last chunk to settle frees the slots
         else:
             self._free_slots(entry)
 

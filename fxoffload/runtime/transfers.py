@@ -186,6 +186,7 @@ class ChunkedFile:
                     errno.EIO,
                     f"bytes {offset}-{offset + len(view)} differ from what was written "
                     "(checksum mismatch): the file was changed",
+                    self.file.path,
                 )
         except BaseException as err:
             transfer.chunk_done(err)
