@@ -84,7 +84,7 @@ def device_costs(options: Options, engine: Engine, device: torch.device) -> Devi
     write, read = options.write_bytes_per_s, options.read_bytes_per_s
     io_compute = 0.0
     if write is None or read is None:
-        measured = probe.disk_rates(engine)
+        measured = probe.disk_rates(engine.drives, engine.config)
         write, read = write or measured[0], read or measured[1]
         io_compute = measured[2] if device.type == "cpu" else 0.0
     flops, memory = options.flops_per_s, options.memory_bytes_per_s

@@ -165,9 +165,11 @@ def test_the_cost_model_counts_each_file_system_once(mount, two_dirs) -> None:
     both = Engine([str(d) for d in two_dirs], config)
     mixed = Engine([str(two_dirs[0]), str(mount("4m"))], config)
     try:
-        assert probe.disk_rates(both) == probe.disk_rates(one)  # one disk: its bandwidth once
+        assert probe.disk_rates(both.drives, both.config) == probe.disk_rates(
+            one.drives, one.config
+        )  # one disk: its bandwidth once
         each = [probe.drive_rates(d, config) for d in mixed.drives]
-        write, read, compute = probe.disk_rates(mixed)
+        write, read, compute = probe.disk_rates(mixed.drives, mixed.config)
         assert write == pytest.approx(each[0][0] + each[1][0])
         assert read == pytest.approx(each[0][1] + each[1][1])
         assert min(e[2] for e in each) <= compute <= max(e[2] for e in each)

@@ -402,7 +402,7 @@ def test_measured_rates_are_cached_per_user_and_file_system(tmp_path, monkeypatc
     offload_dir = tmp_path / "offload"
     offload_dir.mkdir()
     engine = engine_for(str(offload_dir))
-    write, read, io_compute = probe.disk_rates(engine)
+    write, read, io_compute = probe.disk_rates(engine.drives, engine.config)
     compute = probe.compute_rates(torch.device("cpu"))
     assert min(write, read, *compute) > 0
     assert 0 <= io_compute < 1e-6  # less than a second of compute lost per megabyte moved
@@ -414,7 +414,7 @@ def test_measured_rates_are_cached_per_user_and_file_system(tmp_path, monkeypatc
     ]
     mtime = os.stat(path).st_mtime_ns
     # Measured once: a second ask (another process would too) reads the file.
-    assert probe.disk_rates(engine) == (write, read, io_compute)
+    assert probe.disk_rates(engine.drives, engine.config) == (write, read, io_compute)
     assert probe.compute_rates(torch.device("cpu")) == compute
     assert os.stat(path).st_mtime_ns == mtime
     # Nothing is left in the offload dir but the engine's private directory.
@@ -427,7 +427,7 @@ def test_the_disk_is_measured_again_for_another_chunk_size(tmp_path, monkeypatch
     for chunk_bytes in (1 << 20, 4 << 20):
         engine = Engine(str(tmp_path), EngineConfig(chunk_bytes=chunk_bytes))
         try:
-            probe.disk_rates(engine)
+            probe.disk_rates(engine.drives, engine.config)
         finally:
             engine.close()
     table = json.loads(open(probe.cache_path()).read())

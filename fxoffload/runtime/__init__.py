@@ -6,7 +6,8 @@ when this package is imported.
 """
 
 from fxoffload.runtime import kernels as _kernels  # noqa: F401  (the ops' real kernels)
-from fxoffload.runtime.engine import Engine, EngineConfig
+from fxoffload.runtime.engine import Engine
+from fxoffload.runtime.engine_config import EngineConfig
 from fxoffload.runtime.registry import close_all, engine_for, engine_of, engines, snapshot
 from fxoffload.runtime.stats import OffloadStats
 

@@ -39,9 +39,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from fxoffload.options import IO_OPTIONS, check_fields, config_fields
 from fxoffload.runtime import probe, stats
 from fxoffload.runtime.drives import Drive, Striping, open_drives
+from fxoffload.runtime.engine_config import EngineConfig
 from fxoffload.runtime.handles import handle_id, make_handle
 from fxoffload.runtime.host_staging import HostStaging, PageableStaging, PinnedStaging, view_as
 from fxoffload.runtime.locks import RuntimeLock
@@ -50,19 +50,6 @@ from fxoffload.runtime.staging import StagingPool
 from fxoffload.runtime.transfers import Transfer
 
 _entry_ids = itertools.count(1)
-
-
-EngineConfig = dataclasses.make_dataclass(
-    "EngineConfig",
-    config_fields(IO_OPTIONS),
-    frozen=True,
-    namespace={
-        "__doc__": "How an engine does I/O: the I/O options of ``fxoffload.config``, which "
-        "documents each and holds its default, checked as ``Options`` checks them.",
-        "__post_init__": check_fields,
-        "__module__": __name__,
-    },
-)
 
 
 class EntryState(enum.Enum):

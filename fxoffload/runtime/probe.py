@@ -27,16 +27,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
 
 import torch
 
 from fxoffload.runtime.checksum import checksum
 from fxoffload.runtime.drives import Drive
+from fxoffload.runtime.engine_config import EngineConfig
 from fxoffload.runtime.offload_file import OffloadFile, aligned_buffer, as_memoryview
-
-if TYPE_CHECKING:
-    from fxoffload.runtime.engine import Engine, EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +64,16 @@ def file_system(path: str) -> str:
     return f"{os.stat(path).st_dev}.{os.statvfs(path).f_fsid}"
 
 
-def disk_rates(engine: Engine) -> tuple[float, float, float]:
-    """(write, read) bytes per second of ``engine``'s drives together, and the compute seconds
+def disk_rates(drives: Sequence[Drive], config: EngineConfig) -> tuple[float, float, float]:
+    """(write, read) bytes per second of an engine's ``drives`` together, and the compute seconds
     their I/O takes from a CPU device per byte moved.
 
     Drives on one file system share its bandwidth, so each file system counts
     once: the rates are the sums of those of the file systems the drives are
     on, and the compute per byte their mean, weighted by write rate.
     """
-    one_per_fs = {file_system(d.root): d for d in engine.drives}
-    rates = [drive_rates(d, engine.config) for d in one_per_fs.values()]
+    one_per_fs = {file_system(d.root): d for d in drives}
+    rates = [drive_rates(d, config) for d in one_per_fs.values()]
     write = sum(r[0] for r in rates)
     read = sum(r[1] for r in rates)
     return write, read, sum(r[0] * r[2] for r in rates) / write

@@ -17,7 +17,8 @@ import torch
 
 from fxoffload import ops
 from fxoffload.runtime import stats
-from fxoffload.runtime.engine import Engine, EngineConfig
+from fxoffload.runtime.engine import Engine
+from fxoffload.runtime.engine_config import EngineConfig
 from fxoffload.runtime.handles import handle_id
 
 _lock = threading.Lock()
