@@ -31,6 +31,7 @@ from fxoffload.options import Options
 from fxoffload.partitioner import OffloadPartitioner
 from fxoffload.passes import META_KEY, SavedKind, SavedValue
 from fxoffload.passes.costs import MEASURED_SECONDS, DeviceCosts, node_time, start_times
+from fxoffload.passes.plan import Transfer, plan_adaptive
 from fxoffload.passes.timeline import Read, ReadQueue, latest_starts
 from fxoffload.runtime import Engine, EngineConfig, engine_for, probe
 
@@ -508,3 +509,26 @@ def test_late_views_stored_through_their_bases_are_bitwise_equal_to_none(
             compiled = torch.compile(model, backend="ssdtrain", options=opts)
             results[policy] = losses_and_grads(model, compiled, batches)
     assert all(torch.equal(a, b) for a, b in zip(*results.values(), strict=True))
+
+
+def test_overhead_left_by_stores_the_prefetch_budget_keeps_goes_to_others() -> None:
+    """a and b are read ahead together, c alone, later; max_overhead pays for two stores and
+    the prefetch budget holds one read ahead. b is kept for the budget; what it would have
+    cost buys c."""
+    mib = 1 << 20
+    costs = DeviceCosts(
+        flops_per_s=1e12,
+        memory_bytes_per_s=1e12,
+        write_bytes_per_s=1e9,
+        read_bytes_per_s=1e9,
+        copy_bytes_per_s=mib / 0.9e-3,  # each store's copy costs 0.9 ms of step time
+    )
+    transfers = [
+        Transfer("a", mib, produced=0.000, first_use=0.004),
+        Transfer("b", mib, produced=0.001, first_use=0.004),
+        Transfer("c", mib, produced=0.002, first_use=0.015),
+    ]
+    options = Options(max_overhead=0.1, prefetch_budget_bytes=int(1.5 * mib), min_bytes=0)
+    decisions = plan_adaptive(transfers, fw_end=0.010, step=0.020, costs=costs, options=options)
+    assert {name for name, (offload, _) in decisions.items() if offload} == {"a", "c"}
+    assert "prefetch_budget_bytes" in decisions["b"][1]

@@ -23,7 +23,8 @@ The earliest-made activations have the most forward left to write them in
 and are needed last in backward; the last layers' ones are needed first, and
 stay. Finally, if the reads would hold more than ``prefetch_budget_bytes`` at
 once, the latest-made stores among those holding the bytes are kept, one at a
-time, until they fit.
+time, until they fit, and the plan is made again without them, so that what
+they would have cost goes to other stores.
 """
 
 from __future__ import annotations
@@ -171,12 +172,59 @@ def plan_adaptive(
     costs: DeviceCosts,
     options: Options,
 ) -> dict[str, tuple[bool, str]]:
-    """Decide each transfer: ``name -> (offload, reason)``. O(n log n).
+    """Decide each transfer: ``name -> (offload, reason)``.
 
     ``fw_end`` and ``step`` are the modelled compute times of forward and of
-    the whole step, without offloading. Each accepted store's staging copy
-    runs on the compute stream, so values made after it are made later.
+    the whole step, without offloading. The stores the prefetch budget keeps
+    gave nothing back to ``max_overhead`` while they were accepted, so the
+    plan is made again without them until the budget keeps none: each round
+    keeps one more store at least, and in practice there are one or two.
     """
+    kept: dict[str, str] = {}
+    while True:
+        plan = _accept(transfers, kept, fw_end=fw_end, step=step, costs=costs, options=options)
+        fitting = _fit_prefetch_budget(plan.accepted, plan.reads, options.prefetch_budget_bytes)
+        dropped = {t.name for t in plan.accepted} - {t.name for t in fitting[0]}
+        if not dropped:
+            break
+        kept.update({name: fitting[1] for name in dropped})
+    decisions = dict(plan.decisions)
+    starts = latest_starts([plan.reads[t.name] for t in plan.accepted])
+    for t in plan.accepted:
+        read_end = starts[t.name] + plan.reads[t.name].seconds
+        decisions[t.name] = (
+            True,
+            f"hidden: written {_ms(fw_end + plan.delay - plan.write_ends[t.name])} before "
+            f"forward ends, read from {_ms(starts[t.name])} into backward, "
+            f"{_ms(max(t.first_use - read_end, 0.0))} before first use; "
+            f"costs {_ms(costs.offload_overhead(t.nbytes))}",
+        )
+    return decisions
+
+
+@dataclasses.dataclass
+class _Accepted:
+    """One greedy pass of :func:`plan_adaptive`: the stores it accepted and why others stay."""
+
+    accepted: list[Transfer]
+    decisions: dict[str, tuple[bool, str]]
+    reads: dict[str, Read]
+    write_ends: dict[str, float]
+    delay: float
+    """The accepted stores' staging copies: how much later forward ends."""
+
+
+def _accept(
+    transfers: list[Transfer],
+    kept: dict[str, str],
+    *,
+    fw_end: float,
+    step: float,
+    costs: DeviceCosts,
+    options: Options,
+) -> _Accepted:
+    """Accept stores in the order forward makes them, as the module says; those in ``kept``
+    stay, for the reason it gives. O(n log n)."""
     safety = options.io_safety
     reads = {
         t.name: Read(t.name, t.first_use, safety * costs.read_time(t.nbytes), t.nbytes)
@@ -196,7 +244,9 @@ def plan_adaptive(
         write_end = write_queue.end_if_added(copied, write_seconds)
         forward_ends = fw_end + delay + costs.copy_time(t.nbytes)
         slack, tightest = read_queue.slack_if_added(reads[t.name])
-        if t.nbytes > options.prefetch_budget_bytes:
+        if t.name in kept:
+            why = kept[t.name]
+        elif t.nbytes > options.prefetch_budget_bytes:
             why = f"{t.nbytes} bytes > prefetch_budget_bytes={options.prefetch_budget_bytes}"
         elif waiting + t.nbytes > options.max_inflight_bytes:
             why = (
@@ -221,40 +271,25 @@ def plan_adaptive(
             accepted.append(t)
             continue
         decisions[t.name] = (False, why)
-    accepted = _fit_prefetch_budget(accepted, reads, decisions, options.prefetch_budget_bytes)
-    starts = latest_starts([reads[t.name] for t in accepted])
-    for t in accepted:
-        read_end = starts[t.name] + reads[t.name].seconds
-        decisions[t.name] = (
-            True,
-            f"hidden: written {_ms(fw_end + delay - write_ends[t.name])} before forward ends, "
-            f"read from {_ms(starts[t.name])} into backward, "
-            f"{_ms(max(t.first_use - read_end, 0.0))} before first use; "
-            f"costs {_ms(costs.offload_overhead(t.nbytes))}",
-        )
-    return decisions
+    return _Accepted(accepted, decisions, reads, write_ends, delay)
 
 
 def _fit_prefetch_budget(
-    accepted: list[Transfer],
-    reads: dict[str, Read],
-    decisions: dict[str, tuple[bool, str]],
-    budget: int,
-) -> list[Transfer]:
-    """Keep the latest-made stores among those read ahead at the peak until the peak fits."""
+    accepted: list[Transfer], reads: dict[str, Read], budget: int
+) -> tuple[list[Transfer], str]:
+    """The stores left once the latest-made among those read ahead at the peak are kept, one
+    at a time, until the peak fits; and the reason those say."""
     order = {t.name: i for i, t in enumerate(accepted)}
+    why = ""
     while accepted:
         chosen = [reads[t.name] for t in accepted]
         peak, holding = peak_bytes_read_ahead(chosen, latest_starts(chosen))
         if peak <= budget:
             break
+        why = why or f"reads would hold {peak} bytes ahead of use (prefetch_budget_bytes={budget})"
         latest = max(holding, key=lambda r: order[r.name])
-        decisions[latest.name] = (
-            False,
-            f"reads would hold {peak} bytes ahead of use (prefetch_budget_bytes={budget})",
-        )
         accepted = [t for t in accepted if t.name != latest.name]
-    return accepted
+    return accepted, why
 
 
 def _transfers(
