@@ -94,7 +94,8 @@ def plan_stores(
     itself saved is dropped with its store) and the stores that remain.
     """
     if options.policy == "adaptive":
-        planned, stores = _plan_adaptive_stores(planned, stores, fw_graph, bw_graph, options, costs)
+        graphs = (fw_graph, bw_graph)
+        planned, stores = _plan_adaptive_stores(planned, stores, graphs, options, costs)
     if store_limit is not None and len(stores) > store_limit:
         position = {n.name: i for i, n in enumerate(fw_graph.nodes)}
         stores = sorted(stores, key=lambda s: position[s.value])
@@ -119,11 +120,12 @@ def plan_stores(
 def _plan_adaptive_stores(
     planned: list[SavedValue],
     stores: list[Stored],
-    fw_graph: fx.Graph,
-    bw_graph: fx.Graph,
+    graphs: tuple[fx.Graph, fx.Graph],
     options: Options,
     costs: DeviceCosts | None,
 ) -> tuple[list[SavedValue], list[Stored]]:
+    """``plan_stores`` under ``"adaptive"``, on the forward and backward ``graphs``."""
+    fw_graph, bw_graph = graphs
     if costs is None:
         raise ValueError('policy "adaptive" needs device costs')
     fw_starts, bw_starts = start_times(fw_graph, costs), start_times(bw_graph, costs)
