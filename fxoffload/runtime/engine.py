@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
-import shutil
 import threading
 import time
 import warnings
@@ -189,23 +188,21 @@ class Engine:
         try:
             host = self._pinned if t.is_cuda else self._pageable
             buffer, copied = host.copy_in(t, order)
-            with self._lock:
+            with self._lock:  # split and registered at once: one lock on the hot path
                 split = self._striping.split(nbytes)
-            shares = [_Share(self.drives[s.drive], s.start, s.length) for s in split]
-            entry = _Entry(
-                id=next(_entry_ids),
-                shape=tuple(t.shape),
-                dim_order=order,
-                dtype=t.dtype,
-                device=t.device,
-                nbytes=nbytes,
-                host=host,
-                shares=shares,
-                staging=buffer,
-                copied=copied,
-                unsettled=len(shares),
-            )
-            with self._lock:
+                entry = _Entry(
+                    id=next(_entry_ids),
+                    shape=tuple(t.shape),
+                    dim_order=order,
+                    dtype=t.dtype,
+                    device=t.device,
+                    nbytes=nbytes,
+                    host=host,
+                    shares=[_Share(self.drives[s.drive], s.start, s.length) for s in split],
+                    staging=buffer,
+                    copied=copied,
+                    unsettled=len(split),
+                )
                 self._entries[entry.id] = entry
             self._start_writes(entry, buffer, copied)
         except BaseException:
@@ -399,7 +396,7 @@ class Engine:
 
     def _io_error(self, what: str, entry: _Entry, err: BaseException, drive: Drive) -> RuntimeError:
         try:
-            free = f"{shutil.disk_usage(drive.directory).free} bytes free"
+            free = f"{drive.free_bytes()} bytes free"
         except OSError:  # removed by close
             free = "directory removed"
         return RuntimeError(
